@@ -1,0 +1,248 @@
+"""The artifact folder: ``deltahub.json`` + safetensors payloads (+ a model card), read and written safely.
+
+Reading checks every listed file's size, then its sha256, before any parser sees it; zstd stages are
+undone with the output capped at the size the manifest declares. Writing goes to a temporary folder
+beside the target, fsynced, then renamed into place, so a crash never leaves half an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from deltahub.checkpoint import dtype_from_name
+from deltahub.codecs import Encoded, get_codec
+from deltahub.constants import CARD_NAME
+from deltahub.errors import ArtifactNotFoundError, IntegrityError, OutputExistsError
+from deltahub.manifest import MANIFEST_NAME, Manifest, TensorEntry, check_relpath, parse_manifest
+
+HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file, streamed in 8 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Artifact:
+    """A loaded, verified artifact: its manifest plus lazy access to payloads.
+
+    Use :func:`deltahub.load` to open one and :meth:`save` to write it elsewhere.
+    """
+
+    def __init__(self, manifest: Manifest, folder: Path):
+        self.manifest = manifest
+        self.folder = folder
+        self._files: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def __repr__(self) -> str:
+        s = self.manifest.stats
+        return (f"Artifact(name={self.name!r}, id={self.id[:12]}, tensors={len(self.manifest.tensors)}, "
+                f"bits_per_param={s.get('bits_per_param')}, ratio={s.get('ratio_vs_fp16')})")
+
+    # ----------------------------------------------------------------------------------- load
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:
+        """Open and verify the artifact folder at ``path``.
+
+        Raises:
+            ArtifactNotFoundError: no ``deltahub.json`` there.
+            FormatVersionError, ManifestError, UnsafePathError: a bad manifest.
+            IntegrityError: a listed file is missing, truncated or corrupted.
+        """
+        folder = Path(path)
+        mpath = folder / MANIFEST_NAME
+        if not mpath.is_file():
+            raise ArtifactNotFoundError(f"No deltahub artifact at {folder} (no {MANIFEST_NAME}); check the path or `deltahub ls`.")
+        manifest = parse_manifest(mpath.read_bytes())
+        art = cls(manifest, folder)
+        if verify:
+            art.verify_files()
+        return art
+
+    def verify_files(self) -> None:
+        """Size, then sha256, of every listed file.
+
+        Raises:
+            IntegrityError: the first file that does not match.
+        """
+        for f in self.manifest.files:
+            p = self.folder / f.path
+            if not p.is_file():
+                raise IntegrityError(f"{f.path} is missing from {self.folder}; the artifact is incomplete. Pull it again.")
+            size = p.stat().st_size
+            if size != f.size:
+                raise IntegrityError(f"{f.path} has {size} bytes, the manifest says {f.size}: it is truncated or corrupted. Pull it again.")
+            if sha256_file(p)[1] != f.sha256:
+                raise IntegrityError(f"{f.path} does not match its sha256 in the manifest: it is corrupted. Pull it again.")
+
+    # ----------------------------------------------------------------------------------- payloads
+    def _file(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._files:
+            try:
+                self._files[name] = st_load((self.folder / name).read_bytes())
+            except (SafetensorError, OSError) as exc:
+                raise IntegrityError(f"{name} is not a valid safetensors file ({exc}); pull the artifact again.") from None
+        return self._files[name]
+
+    def encoded(self, entry: TensorEntry) -> Encoded:
+        """The codec payload of one tensor, with lossless stages undone and sizes checked.
+
+        Raises:
+            IntegrityError: a payload key is missing or does not match its declared dtype/shape/size.
+        """
+        stored = self._file(entry.file)
+        tensors = {}
+        for role, pk in entry.payload.items():
+            t = stored.get(pk.key)
+            if t is None:
+                raise IntegrityError(f"Payload {pk.key!r} of {entry.name!r} is missing from {entry.file}; the artifact is corrupt.")
+            tensors[role] = unwrap(t, pk)
+        return Encoded(tensors, dict(entry.meta))
+
+    def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""
+        codec = get_codec(entry.codec)
+        try:
+            out = codec.decode(self.encoded(entry), tuple(entry.shape))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
+        if tuple(out.shape) != tuple(entry.shape):
+            raise IntegrityError(f"Codec {entry.codec} decoded {entry.name!r} to shape {list(out.shape)}, expected {entry.shape}.")
+        return out.to(dtype_from_name(entry.dtype)) if entry.op == "replace" else out
+
+    def decode(self) -> dict[str, torch.Tensor]:
+        """Every tensor: deltas for ``add`` entries, whole tensors for ``replace`` entries."""
+        return dict(self.iter_decoded())
+
+    def iter_decoded(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in self.manifest.tensors:
+            yield entry.name, self.decode_tensor(entry)
+
+    # ----------------------------------------------------------------------------------- save
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Copy the artifact to a new folder ``path`` (atomically)."""
+        files = [f.path for f in self.manifest.files] + [p for p in (CARD_NAME,) if (self.folder / p).is_file()]
+        with staging(Path(path)) as tmp:
+            for rel in files:
+                dst = tmp / check_relpath(rel)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.folder / rel, dst)
+            (tmp / MANIFEST_NAME).write_text(self.manifest.to_json())
+        return Path(path)
+
+
+def unwrap(t: torch.Tensor, pk: Any) -> torch.Tensor:
+    """Undo a payload key's lossless stage; check dtype, shape and decoded size against the manifest."""
+    dtype = dtype_from_name(pk.dtype)
+    if t.numel() * t.element_size() != pk.stored:
+        raise IntegrityError(f"Payload {pk.key!r} holds {t.numel() * t.element_size()} bytes, the manifest says {pk.stored}.")
+    if pk.stage == "zstd":
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise IntegrityError(f"Payload {pk.key!r} should hold zstd bytes; the artifact is corrupt.")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(t.numpy().tobytes(), max_output_size=pk.nbytes)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"Payload {pk.key!r} is not valid zstd ({exc}); the artifact is corrupt.") from None
+        if len(raw) != pk.nbytes:
+            raise IntegrityError(f"Payload {pk.key!r} decompressed to {len(raw)} bytes, the manifest says {pk.nbytes}.")
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype) if raw else torch.empty(0, dtype=dtype)
+        t = t.reshape(pk.shape)
+    if t.dtype != dtype or list(t.shape) != list(pk.shape) or t.numel() * t.element_size() != pk.nbytes:
+        raise IntegrityError(f"Payload {pk.key!r} is {t.dtype} {list(t.shape)}, the manifest says {pk.dtype} {pk.shape}.")
+    return t
+
+
+class staging:
+    """Build a folder in a unique temp sibling, fsync it, then swap it into ``target`` atomically.
+
+    An existing ``target`` is replaced only if it is empty or (for ``kind="artifact"``) a deltahub
+    artifact: never a user's unrelated folder. On error the temp folder is removed: nothing
+    half-written stays behind.
+    """
+
+    def __init__(self, target: Path, *, kind: str = "artifact"):
+        self.target, self.kind = target, kind
+        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+    def __enter__(self) -> Path:
+        t = self.target
+        if t.exists():
+            empty = t.is_dir() and not any(t.iterdir())
+            if not empty and not (self.kind == "artifact" and (t / MANIFEST_NAME).is_file()):
+                what = "is not a deltahub artifact" if self.kind == "artifact" else "is not empty"
+                raise OutputExistsError(f"{t} exists and {what}; choose another output folder or remove it.")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for p in self.tmp.rglob("*"):
+            if p.is_file():
+                os.chmod(p, 0o644)  # safetensors writes 0600 temp files; artifacts are meant to be shared
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(self.tmp)
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(manifest: Manifest) -> dict[str, Any]:
+    """The manifest stats for scripts (``deltahub inspect --json``)."""
+    return json.loads(json.dumps({
+        "id": manifest.id, "name": manifest.name, "kind": manifest.kind,
+        "format_version": manifest.format_version, "base": {
+            "fingerprint": manifest.base.fingerprint, "name": manifest.base.name,
+            "location": manifest.base.location, "tensors": len(manifest.base.tensors)},
+        "stats": manifest.stats, "fit_stats": manifest.fit_stats, "provenance": manifest.provenance,
+        "tensors": [{"name": t.name, "op": t.op, "shape": t.shape, "dtype": t.dtype, "codec": t.codec,
+                     "stored_bytes": t.stored_bytes(), "rel_error": t.rel_error, "meta": t.meta}
+                    for t in manifest.tensors]}))

@@ -1,0 +1,24 @@
+"""Environment variables and file names, read in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_HOME = "DELTAHUB_HOME"  # the local registry and caches; default ~/.cache/deltahub
+ENV_LOAD_PLUGINS = "DELTAHUB_LOAD_PLUGINS"  # "" = built-in plugins only (the test suite sets it)
+ENV_NO_PROGRESS = "DELTAHUB_NO_PROGRESS"  # "1" hides progress bars even on a terminal
+
+PAYLOAD_NAME = "payload.safetensors"
+CARD_NAME = "README.md"
+CONFIG_NAME = "model_config.json"  # the fine-tuned model's config.json, so `apply` writes a loadable folder
+
+
+def home() -> Path:
+    """The deltahub home folder (read on every call so tests can point it elsewhere)."""
+    return Path(os.environ.get(ENV_HOME) or Path.home() / ".cache" / "deltahub").expanduser()
+
+
+def progress_disabled() -> bool | None:
+    """tqdm's ``disable``: None lets tqdm hide bars when stderr is not a terminal."""
+    return True if os.environ.get(ENV_NO_PROGRESS) == "1" else None

@@ -1,0 +1,94 @@
+"""One error hierarchy for deltahub.
+
+Every error a user can cause is a :class:`DeltaHubError`. Its message is one line that says what went
+wrong and what to do next; the CLI prints it as ``Error: <message>`` and exits 1, without a traceback.
+Each class also derives from the closest built-in exception so ``except ValueError`` keeps working.
+Messages are pinned by ``tests/test_errors.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class DeltaHubError(Exception):
+    """Base class of every error deltahub raises on purpose."""
+
+
+class CodecNotFoundError(DeltaHubError, LookupError):
+    """An unknown codec name was asked for."""
+
+    def __init__(self, name: str, available: list[str]):
+        self.codec = name
+        hint = difflib.get_close_matches(name, available, n=1)
+        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        super().__init__(
+            f"Unknown codec '{name}'. Installed: {', '.join(sorted(available)) or 'none'}.{suggestion}"
+        )
+
+
+class PluginError(DeltaHubError, ImportError):
+    """A plugin failed to load or is invalid (raised only when that plugin is asked for by name)."""
+
+
+class CodecConfigError(DeltaHubError, ValueError):
+    """A codec option (``-p KEY=VALUE``) is unknown or has a bad value."""
+
+
+class FormatVersionError(DeltaHubError, ValueError):
+    """The artifact was written with a newer format than this deltahub reads."""
+
+    def __init__(self, found: int, supported: int):
+        self.found, self.supported = found, supported
+        super().__init__(
+            f"This artifact uses format_version {found}; this deltahub reads up to {supported}. "
+            "Upgrade with `pip install -U deltahub`."
+        )
+
+
+class ManifestError(DeltaHubError, ValueError):
+    """``deltahub.json`` is missing, not JSON, or does not match the schema."""
+
+
+class IntegrityError(DeltaHubError, OSError):
+    """A file's size or sha256 does not match what the manifest declares (truncated or corrupted)."""
+
+
+class OutputExistsError(DeltaHubError, FileExistsError):
+    """The output folder exists and holds something deltahub will not overwrite."""
+
+
+class UnsafePathError(DeltaHubError, ValueError):
+    """A file name from an artifact or a remote would escape its folder."""
+
+
+class ArtifactNotFoundError(DeltaHubError, FileNotFoundError):
+    """No artifact at a path, or no such name/tag in a registry."""
+
+
+class CheckpointError(DeltaHubError, ValueError):
+    """A model checkpoint cannot be read (missing files, not safetensors, bad index)."""
+
+
+class NothingMatchedError(DeltaHubError, ValueError):
+    """The fine-tuned checkpoint shares no tensor with the base: it is not a fine-tune of it."""
+
+
+class BaseMismatchError(DeltaHubError, ValueError):
+    """The base given is not the one the delta was made from."""
+
+
+class BaseNotFoundError(DeltaHubError, FileNotFoundError):
+    """The delta's base was not given and is not registered."""
+
+
+class RegistryError(DeltaHubError, OSError):
+    """A registry operation failed (bad URL, unreachable store, inconsistent refs)."""
+
+
+class RemoteError(RegistryError):
+    """A remote (Hub, object store) refused or failed a request after retries."""
+
+
+class AuthError(RemoteError, PermissionError):
+    """The remote refused our credentials."""

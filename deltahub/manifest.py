@@ -1,0 +1,195 @@
+"""``deltahub.json``: the artifact manifest, a strict versioned schema (FORMAT.md is the spec).
+
+The manifest is untrusted input (it comes from the Hub or an object store), so it is parsed with
+pydantic models that refuse unknown fields inside known structures, newer format versions, unsafe file
+names and inconsistent sizes before any payload is touched. No torch import here: ``deltahub inspect``
+starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deltahub.errors import FormatVersionError, ManifestError, UnsafePathError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "deltahub.json"
+MAX_MANIFEST_BYTES = 64 << 20  # 64 MiB: a 70B model has ~1k tensors of ~2 KB each; this is far above
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_relpath(name: str) -> str:
+    """Return ``name`` if it is a safe relative POSIX path inside a folder.
+
+    Raises:
+        UnsafePathError: absolute, drive or UNC paths, ``..`` parts, backslashes, NUL or control chars.
+    """
+    bad = (
+        not name
+        or "\\" in name
+        or any(ord(c) < 32 for c in name)
+        or name.startswith("/")
+        or re.match(r"^[A-Za-z]:", name) is not None
+        or any(part in ("..", ".", "") for part in PurePosixPath(name).parts)
+        or name != str(PurePosixPath(name))
+    )
+    if bad:
+        raise UnsafePathError(f"Refusing file name {name!r}: it would escape the artifact folder. Use plain relative names.")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Strict):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        check_relpath(v)
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not _SHA.match(v):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        return v
+
+
+class PayloadKey(_Strict):
+    """One stored tensor of a codec payload; ``stage`` says how its bytes were wrapped."""
+
+    key: str
+    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    shape: list[int]
+    stage: Literal["raw", "zstd"] = "raw"
+    nbytes: int = Field(ge=0)  # bytes after undoing ``stage``: caps zstd output (decompression bombs)
+    stored: int = Field(ge=0)  # bytes as stored in the payload file
+
+
+class TensorEntry(_Strict):
+    name: str  # name in the fine-tuned model (what ``apply`` writes)
+    base_name: str | None  # name in the base, None for a tensor the base does not have
+    op: Literal["add", "replace"]
+    shape: list[int]
+    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    codec: str
+    codec_version: int
+    params: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, str] = Field(default_factory=dict)
+    file: str
+    payload: dict[str, PayloadKey]
+    sha256: str  # over the stored bytes of the payload keys, in key order
+    rel_error: float | None = None  # ‖Δ − Δ̂‖ / ‖Δ‖ measured at encode time
+
+    @field_validator("file")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        check_relpath(v)
+        return v
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def stored_bytes(self) -> int:
+        return sum(p.stored for p in self.payload.values())
+
+
+class BaseTensor(_Strict):
+    name: str
+    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    shape: list[int]
+    sha256: str
+    sha256_bf16: str | None = None
+    sha256_fp16: str | None = None
+
+
+class BaseInfo(_Strict):
+    """Which weights the delta belongs to (DESIGN §2.2). ``name`` and ``location`` are hints, not proof."""
+
+    fingerprint: str
+    tensors: list[BaseTensor]
+    name: str | None = None
+    location: dict[str, str] = Field(default_factory=dict)  # {"type": "path"|"hub", "path"|"repo", "revision"}
+    prefix: dict[str, str] = Field(default_factory=dict)  # {"strip": "bert."} or {"add": "bert."}
+
+
+class Manifest(_Strict):
+    format_version: int
+    deltahub_version: str
+    name: str
+    kind: str = "delta"
+    base: BaseInfo
+    tensors: list[TensorEntry]
+    files: list[FileEntry]
+    fit_stats: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    extra_files: dict[str, str] = Field(default_factory=dict)  # role -> path, e.g. {"config": "model_config.json"}
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def id(self) -> str:
+        """The artifact id: sha256 of the canonical manifest."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise ManifestError(f"Manifest lists no file {path!r} but a tensor refers to it; the artifact is corrupt.")
+
+
+def parse_manifest(raw: bytes | str) -> Manifest:
+    """Parse and validate a manifest.
+
+    Raises:
+        FormatVersionError: written by a newer deltahub.
+        UnsafePathError: a file name would escape the artifact folder.
+        ManifestError: anything else wrong (not JSON, schema mismatch, dangling file references).
+    """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a deltahub manifest.")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON; the artifact is truncated or corrupt. Pull it again.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
+        raise ManifestError(f"{MANIFEST_NAME} has no integer format_version; it is not a deltahub artifact.")
+    if data["format_version"] > FORMAT_VERSION:
+        raise FormatVersionError(data["format_version"], FORMAT_VERSION)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            if isinstance(err.get("ctx", {}).get("error"), UnsafePathError):
+                raise err["ctx"]["error"] from None
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ManifestError(f"{MANIFEST_NAME} is invalid at {where}: {err['msg']}. The artifact is corrupt; pull it again.") from None
+    listed = {f.path for f in manifest.files}
+    for t in manifest.tensors:
+        if t.file not in listed:
+            raise ManifestError(f"Tensor {t.name!r} refers to unlisted file {t.file!r}; the artifact is corrupt.")
+    return manifest
