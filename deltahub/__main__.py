@@ -1,0 +1,3 @@
+from deltahub.cli import main
+
+main()
