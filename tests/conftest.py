@@ -1,0 +1,37 @@
+"""Shared fixtures: every test gets its own DELTAHUB_HOME and sees only built-in plugins."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DELTAHUB_LOAD_PLUGINS", "")  # installed third-party codecs must not reach the tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches the internet; Hub tests use a local server
+os.environ.setdefault("DELTAHUB_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTAHUB_HOME", str(tmp_path_factory.mktemp("deltahub_home")))
+    monkeypatch.setenv("DELTAHUB_LOAD_PLUGINS", "")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    import torch
+
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
+    has_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
