@@ -26,7 +26,7 @@ def is_hub_repo_id(value: str | None) -> bool:
 def card_data(manifest: Manifest, *, repo_id: str | None = None) -> dict[str, Any]:
     codec = manifest.stats.get("codec", "dense")
     data: dict[str, Any] = {"library_name": "deltahub", "tags": ["deltahub", codec, "task-delta"]}
-    hub_base = manifest.base.location.get("repo") or manifest.base.name
+    hub_base = manifest.base.location.get("repo")  # names are hints; only a recorded Hub location is claimed
     if is_hub_repo_id(hub_base):
         data["base_model"] = hub_base
     return data

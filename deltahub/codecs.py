@@ -39,9 +39,12 @@ BUILTIN_DISTRIBUTION = "deltahub"
 
 
 class CodecConfig(BaseModel):
-    """Base class of every codec's options: frozen, validated, unknown keys refused."""
+    """Base class of every codec's options: frozen, validated, unknown keys refused.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Each field's attribute docstring is its help text in ``deltahub codecs NAME``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,207 @@
+"""Core CLI verbs: codecs, compress, inspect, apply, card."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deltahub.errors import BaseNotFoundError, CodecConfigError
+
+
+def open_artifact(ref: str) -> Any:
+    """An artifact folder path, or a registry ref (``name[:tag]``, an id, or a remote URL)."""
+    from deltahub.artifact import Artifact
+    from deltahub.manifest import MANIFEST_NAME
+
+    if (Path(ref) / MANIFEST_NAME).is_file():
+        return Artifact.load(ref)
+    from deltahub.registry import Registry
+
+    if "://" in ref:
+        return Registry().pull(ref)
+    return Registry().resolve(ref)
+
+
+def _split_name(value: str | None) -> tuple[str | None, str | None]:
+    if not value:
+        return None, None
+    name, _, tag = value.partition(":")
+    return name, tag or None
+
+
+# ------------------------------------------------------------------------------------------- codecs
+@click.command()
+@click.argument("name", required=False)
+def codecs(name: str | None) -> None:
+    """List installed codecs, or show the options of codec NAME.
+
+    \b
+    Examples:
+      deltahub codecs
+      deltahub codecs compeft
+    """
+    from deltahub.codecs import discover_codecs, get_codec
+
+    if name:
+        codec = get_codec(name)
+        click.echo(f"{codec.name} v{codec.version}: {codec.pretty_name}")
+        if codec.reference_url:
+            click.echo(f"paper: {codec.reference_url}")
+        click.echo("options (-p KEY=VALUE):")
+        for field, info in codec.Config.model_fields.items():
+            default = info.default
+            click.echo(f"  {field:<18} default {default!r:<10} {info.description or ''}")
+        return
+    rows = [("NAME", "KIND", "VERSION", "DISTRIBUTION", "STATUS")]
+    for info in sorted(discover_codecs(), key=lambda i: i.name):
+        rows.append((info.name, "codec", str(info.version or "-"), info.distribution, "ok" if info.error is None else f"broken: {info.error}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+
+
+# ------------------------------------------------------------------------------------------- compress
+@click.command()
+@click.argument("src")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output artifact folder.")
+@click.option("--base", help="Base model folder or .safetensors file (needed unless SRC is an artifact).")
+@click.option("--codec", default="compeft", show_default=True, help="Codec name; see `deltahub codecs`.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Codec option; repeatable.")
+@click.option("--name", help="Artifact name[:tag] (default: the output folder's name, tag latest).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL file of texts for codecs that calibrate (darex q=auto, bitdelta distill=true).")
+def compress(src: str, out: Path, base: str | None, codec: str, params: tuple[str, ...], name: str | None,
+             calibration: Path | None) -> None:
+    """Compress a fine-tuned checkpoint SRC against --base (or re-encode an artifact SRC).
+
+    \b
+    Examples:
+      deltahub compress ./finetuned --base ./base --codec compeft -p density=0.1 -o ./expert
+      deltahub compress ./finetuned --base ./base --codec dense -o ./expert-lossless
+      deltahub compress ./expert-lossless --codec compeft -p density=0.05 -o ./expert-small
+    """
+    import deltahub
+    from deltahub.codecs import get_codec
+
+    codec_obj = get_codec(codec)
+    config = codec_obj.parse_config(params)  # validate before any heavy work
+    art_name, tag = _split_name(name)
+    calib = _load_calibration(calibration, src) if calibration else None
+    provenance = {"source": str(Path(src).resolve()) if Path(src).exists() else src,
+                  "command": "deltahub " + " ".join(sys.argv[1:]) if sys.argv else ""}
+    if tag:
+        provenance["tag"] = tag
+    art = deltahub.compress(src, base=base, codec=codec, out=out, name=art_name, calibration=calib,
+                            provenance=provenance, **config.model_dump(exclude_unset=True))
+    _print_summary(art)
+
+
+def _load_calibration(path: Path, src: str) -> Any:
+    try:
+        from deltahub.calibration import Calibration
+    except ImportError:
+        raise CodecConfigError("This deltahub has no calibration support; drop --calibration.") from None
+    return Calibration.from_jsonl(path, model_dir=src)
+
+
+def _print_summary(art: Any) -> None:
+    s = art.manifest.stats
+    click.echo(f"{art.name}  id {art.id[:12]}  codec {s.get('codec')}  "
+               f"{s.get('bits_per_param'):.4f} bits/param  {s.get('ratio_vs_fp16')}x vs fp16  "
+               f"rel. error {s.get('rel_error'):.4f}")
+    click.echo(f"tensors: {s.get('matched')} matched ({s.get('unchanged')} unchanged), {s.get('new')} new, "
+               f"{s.get('replaced')} replaced, {s.get('kept_from_base')} kept from base  -> {art.folder}")
+
+
+# ------------------------------------------------------------------------------------------- inspect
+@click.command()
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest stats as JSON for scripts.")
+def inspect(artifact: str, as_json: bool) -> None:
+    """Show codec, bits per parameter, ratio, error, base fingerprint and tensors of ARTIFACT.
+
+    \b
+    Examples:
+      deltahub inspect ./expert
+      deltahub inspect expert:latest --json | jq .stats.bits_per_param
+    """
+    from deltahub.artifact import describe
+
+    art = open_artifact(artifact)
+    info = describe(art.manifest)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    s, b = info["stats"], info["base"]
+    click.echo(f"name          {info['name']}\nid            {info['id']}\nformat        v{info['format_version']}")
+    click.echo(f"codec         {s.get('codec')} {s.get('codec_params')}")
+    click.echo(f"size          {s.get('payload_bytes', 0) / 1e6:.3f} MB delta for {s.get('params')} params: "
+               f"{s.get('bits_per_param'):.4f} bits/param, {s.get('ratio_vs_fp16')}x vs dense fp16")
+    click.echo(f"rel. error    {s.get('rel_error')}")
+    click.echo(f"tensors       {s.get('matched')} matched ({s.get('unchanged')} unchanged), {s.get('new')} new, "
+               f"{s.get('replaced')} replaced, {s.get('kept_from_base')} kept from base")
+    click.echo(f"base          {b['name']}  fingerprint {b['fingerprint'][:16]}  ({b['tensors']} tensors)")
+    if b["location"]:
+        click.echo(f"base location {b['location']}")
+    click.echo("")
+    click.echo(f"{'tensor':<60} {'op':<8} {'codec':<9} {'shape':<16} {'bytes':>10} {'rel.err':>8}")
+    for t in info["tensors"]:
+        err = "" if t["rel_error"] is None else f"{t['rel_error']:.4f}"
+        click.echo(f"{t['name'][:60]:<60} {t['op']:<8} {t['codec']:<9} {str(t['shape']):<16} {t['stored_bytes']:>10} {err:>8}")
+
+
+# ------------------------------------------------------------------------------------------- apply
+@click.command()
+@click.argument("artifact")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--base", help="Base model folder or file (default: the registered base with a matching fingerprint).")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Scale of the delta.")
+def apply(artifact: str, out: Path, base: str | None, alpha: float) -> None:
+    """Write base + alpha * delta of ARTIFACT as a merged model in the base's layout and dtype.
+
+    \b
+    Examples:
+      deltahub apply ./expert --base ./base -o ./merged
+      deltahub apply expert -o ./merged          # base found by fingerprint in the registry
+    """
+    import deltahub
+
+    art = open_artifact(artifact)
+    if base is None:
+        base = _find_base(art)
+    result = deltahub.apply(art, base, alpha=alpha, out=out)
+    click.echo(f"merged {art.name} (alpha={alpha}) into {base} -> {result}")
+
+
+def _find_base(art: Any) -> str:
+    from deltahub.registry import Registry
+
+    found = Registry().find_base(art.manifest.base)
+    if found is None:
+        hint = art.manifest.base.location.get("path") or art.manifest.base.name or "?"
+        raise BaseNotFoundError(
+            f"No registered base matches {art.name!r} (fingerprint {art.manifest.base.fingerprint[:12]}, "
+            f"made from {hint}); pass --base BASE or `deltahub pull {art.name} --with-base`."
+        )
+    return str(found)
+
+
+# ------------------------------------------------------------------------------------------- card
+@click.command()
+@click.argument("artifact")
+@click.option("--repo-id", help="Hub repo id to use in the pull commands of the card.")
+def card(artifact: str, repo_id: str | None) -> None:
+    """Print the Hugging Face model card (README.md) of ARTIFACT.
+
+    \b
+    Examples:
+      deltahub card ./expert > README.md
+      deltahub card expert --repo-id my-org/expert
+    """
+    from deltahub.card import render_card
+
+    click.echo(render_card(open_artifact(artifact).manifest, repo_id=repo_id), nl=False)
