@@ -120,7 +120,7 @@ def verify_base(ckpt: Checkpoint, recorded: list[BaseTensor], *, artifact: str =
     if good == len(recorded):
         return
     bad = [r.name for r in recorded if r.name not in given or not _matches(r, given[r.name])]
-    what = "none" if good == 0 else f"only {good} of {len(recorded)}"
+    what = "none" if good == 0 else f"only {good}"
     raise BaseMismatchError(
         f"This base does not match {artifact}: {what} of its {len(recorded)} touched tensors match "
         f"(first mismatch: {bad[0]!r}). Use the base it was made from (see `deltahub inspect`)."

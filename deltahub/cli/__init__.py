@@ -7,7 +7,6 @@ without a traceback. click itself exits 2 on usage errors.
 
 from __future__ import annotations
 
-import sys
 from importlib import import_module
 from typing import Any
 
@@ -53,6 +52,14 @@ class LazyGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         return getattr(import_module(module), attr)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """The single error boundary: a DeltaHubError becomes one line on stderr and exit 1."""
+        try:
+            return super().invoke(ctx)
+        except DeltaHubError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(n, SHORT_HELP.get(n, "")) for n in self.list_commands(ctx)]
         with formatter.section("Commands"):
@@ -79,22 +86,6 @@ def cli() -> None:
     """
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Console entry point with the single error boundary."""
-    try:
-        rv = cli.main(args=argv, prog_name="deltahub", standalone_mode=False)
-        if isinstance(rv, int) and rv:
-            sys.exit(rv)
-        return rv
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except DeltaHubError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``deltahub``); click handles usage errors (exit 2) and Ctrl-C."""
+    cli.main(args=argv, prog_name="deltahub")

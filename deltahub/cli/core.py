@@ -17,7 +17,7 @@ def open_artifact(ref: str) -> Any:
     from deltahub.artifact import Artifact
     from deltahub.manifest import MANIFEST_NAME
 
-    if (Path(ref) / MANIFEST_NAME).is_file():
+    if (Path(ref) / MANIFEST_NAME).is_file() or Path(ref).exists() or "/" in ref:
         return Artifact.load(ref)
     from deltahub.registry import Registry
 
