@@ -17,8 +17,8 @@ def open_artifact(ref: str) -> Any:
     from deltahub.artifact import Artifact
     from deltahub.manifest import MANIFEST_NAME
 
-    if (Path(ref) / MANIFEST_NAME).is_file() or Path(ref).exists() or "/" in ref:
-        return Artifact.load(ref)
+    if "://" not in ref and (Path(ref).exists() or "/" in ref or (Path(ref) / MANIFEST_NAME).is_file()):
+        return Artifact.load(ref)  # a path; names and remote URLs go to the registry
     from deltahub.registry import Registry
 
     if "://" in ref:
