@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Artifact": "deltahub.artifact",
-    "compress": "deltahub.compress",
-    "apply": "deltahub.apply",
+    "compress": "deltahub.compressing",
+    "apply": "deltahub.applying",
     "Codec": "deltahub.codecs",
     "CodecConfig": "deltahub.codecs",
     "Encoded": "deltahub.codecs",
@@ -30,10 +30,10 @@ _LAZY = {
 __all__ = ["__version__", "load", *_LAZY, *[n for n in vars(_errors) if n.endswith("Error")]]
 
 if TYPE_CHECKING:
-    from deltahub.apply import apply
+    from deltahub.applying import apply
     from deltahub.artifact import Artifact
     from deltahub.codecs import Codec, CodecConfig, Encoded, available_codecs, get_codec, register_codec
-    from deltahub.compress import compress
+    from deltahub.compressing import compress
     from deltahub.registry import Registry
 
 

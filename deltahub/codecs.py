@@ -69,6 +69,16 @@ class DeltaSource(ABC):
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
+class ListSource(DeltaSource):
+    """A DeltaSource over tensors held in memory (tests, notebooks, single-tensor fits)."""
+
+    def __init__(self, items: Mapping[str, torch.Tensor]):
+        self.items = items
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.items.items()
+
+
 class Codec(ABC):
     """A per-tensor delta codec.
 

@@ -13,27 +13,17 @@ Requires pytest (imported here, never by ``import deltahub``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 import torch
 
-from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded, get_codec
+from deltahub.codecs import Codec, CodecConfig, Encoded, ListSource, get_codec
+from deltahub.compressing import fit_one
 from deltahub.kernels.apply import apply_, to_dense
 
 SHAPES = [(33, 17), (64, 48), (5, 3, 7), (8, 3, 3, 3), (1, 1), (0, 4), (4, 0), (300,)]
-
-
-class ListSource(DeltaSource):
-    """A DeltaSource over tensors held in memory (tests, notebooks)."""
-
-    def __init__(self, items: dict[str, torch.Tensor]):
-        self.items = items
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.items.items()
 
 
 def pico_pair(tmp: Path, *, seed: int = 0, scale: float = 0.02) -> tuple[Path, Path]:
@@ -69,8 +59,7 @@ class CodecContract:
         return codec, codec.parse_config(codec_params)
 
     def encode(self, codec: Codec, config: CodecConfig, delta: torch.Tensor, name: str = "t") -> Encoded:
-        stats = codec.fit(ListSource({name: delta}), config) if codec.accepts(name, tuple(delta.shape), config) else None
-        return codec.encode(delta, config, stats, name=name)
+        return codec.encode(delta, config, fit_one(codec, config, name, delta), name=name)
 
     @staticmethod
     def delta(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

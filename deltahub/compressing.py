@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from deltahub.artifact import Artifact, sha256_file, staging
 from deltahub.checkpoint import Checkpoint, dtype_name
-from deltahub.codecs import Codec, CodecConfig, DeltaSource, get_codec
+from deltahub.codecs import Codec, CodecConfig, DeltaSource, ListSource, get_codec
 from deltahub.constants import CARD_NAME, CONFIG_NAME, progress_disabled
 from deltahub.delta import CheckpointDelta, Pair, align, exact_delta
 from deltahub.fingerprint import hash_tensors, root_hash
@@ -87,6 +87,13 @@ def compress(finetuned: Any, *, base: Any = None, codec: str = "compeft", out: s
 
         (tmp / CARD_NAME).write_text(render_card(manifest))
     return Artifact.load(out_path)
+
+
+def fit_one(codec: Codec, config: CodecConfig, name: str, delta: torch.Tensor, calibration: Any = None) -> dict[str, Any] | None:
+    """``codec.fit`` over a single tensor (codecs whose statistics are per tensor, tests, ``auto``)."""
+    if not codec.accepts(name, tuple(delta.shape), config):
+        return None
+    return codec.fit(ListSource({name: delta}), config, calibration=calibration)
 
 
 def _as_artifact(src: Any) -> Artifact | None:
