@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from deltahub.checkpoint import dtype_from_name
 from deltahub.codecs import Encoded, get_codec
 from deltahub.constants import CARD_NAME
-from deltahub.errors import ArtifactNotFoundError, IntegrityError, OutputExistsError
+from deltahub.errors import ArtifactNotFoundError, CodecVersionError, IntegrityError, OutputExistsError
 from deltahub.manifest import MANIFEST_NAME, Manifest, TensorEntry, check_relpath, parse_manifest
 
 HASH_CHUNK = 8 << 20
@@ -142,6 +142,11 @@ class Artifact:
     def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
         """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""
         codec = get_codec(entry.codec)
+        if entry.codec_version > codec.version:
+            raise CodecVersionError(
+                f"{entry.name!r} was encoded with codec {entry.codec} v{entry.codec_version}; the installed one is "
+                f"v{codec.version}. Upgrade the plugin that provides it (`deltahub codecs`)."
+            )
         try:
             out = codec.decode(self.encoded(entry), tuple(entry.shape))
         except (ValueError, RuntimeError, KeyError) as exc:

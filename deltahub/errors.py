@@ -31,6 +31,10 @@ class PluginError(DeltaHubError, ImportError):
     """A plugin failed to load or is invalid (raised only when that plugin is asked for by name)."""
 
 
+class CodecVersionError(DeltaHubError, ValueError):
+    """A payload was written by a newer version of its codec than the one installed."""
+
+
 class CodecConfigError(DeltaHubError, ValueError):
     """A codec option (``-p KEY=VALUE``) is unknown or has a bad value."""
 

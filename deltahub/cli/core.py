@@ -151,7 +151,10 @@ def inspect(artifact: str, as_json: bool) -> None:
     click.echo(f"{'tensor':<60} {'op':<8} {'codec':<9} {'shape':<16} {'bytes':>10} {'rel.err':>8}")
     for t in info["tensors"]:
         err = "" if t["rel_error"] is None else f"{t['rel_error']:.4f}"
-        click.echo(f"{t['name'][:60]:<60} {t['op']:<8} {t['codec']:<9} {str(t['shape']):<16} {t['stored_bytes']:>10} {err:>8}")
+        codec = t["codec"]
+        if "auto.codec" in t["meta"]:  # show what `auto` chose, with its settings
+            codec = f"auto:{t['meta']['auto.codec']} {t['meta'].get('auto.params', '')}"
+        click.echo(f"{t['name'][:60]:<60} {t['op']:<8} {codec:<9} {str(t['shape']):<16} {t['stored_bytes']:>10} {err:>8}")
 
 
 # ------------------------------------------------------------------------------------------- apply
