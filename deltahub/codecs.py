@@ -145,8 +145,11 @@ class Codec(ABC):
                 raise CodecConfigError(
                     f"Codec '{self.name}' has no option '{key}'. Options: {fields}. See `deltahub codecs {self.name}`."
                 ) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across fields
+                raise CodecConfigError(f"Bad options for codec '{self.name}': {msg}. See `deltahub codecs {self.name}`.") from None
             raise CodecConfigError(
-                f"Bad value for '{key}' of codec '{self.name}': {err['msg']}. See `deltahub codecs {self.name}`."
+                f"Bad value for '{key}' of codec '{self.name}': {msg}. See `deltahub codecs {self.name}`."
             ) from None
 
 
