@@ -1,0 +1,401 @@
+"""Where registry bytes live: a local folder (atomic renames, fsync) or any fsspec filesystem.
+
+Both backends speak the same small vocabulary of paths relative to the registry root (``blobs/...``,
+``refs/...``). The local one writes a temp file unique to the writer, fsyncs it and renames it into
+place, so a crash or a second writer never leaves a half-written file under a final name (HF #4228).
+Object stores have no rename and no fsync: there a write is one create-only PUT, and every read is
+checked by size and sha256 by the caller (``store.py``). Transient remote failures (5xx, resets,
+truncated bodies) are retried with backoff, then surface as :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, NamedTuple, TypeVar
+
+from deltahub.errors import AuthError, DeltaHubError, IntegrityError, RegistryError, RemoteError
+
+ENV_NO_LOCKS = "DELTAHUB_NO_LOCKS"  # "1": skip file locks (they only save duplicate work; correctness never needs them)
+ATTEMPTS = 4
+BACKOFF = 0.2  # seconds before the 2nd try; doubles each time (tests lower it)
+CHUNK = 8 << 20
+T = TypeVar("T")
+_TRANSIENT_ERRNO = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                    errno.EAGAIN, errno.EPIPE, errno.ECONNREFUSED}
+_TRANSIENT_NAMES = {"ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "ClientConnectionError",
+                    "ClientConnectorError", "FlexibleChecksumError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "EndpointConnectionError", "ConnectionClosedError", "IncompleteReadError",
+                    "ResponseStreamingError", "ProtocolError", "ContentLengthError"}
+_EXTRAS = {"s3": "pip install 'deltahub[s3]'", "s3a": "pip install 'deltahub[s3]'", "gs": "pip install gcsfs",
+           "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs", "abfss": "pip install adlfs"}
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+class FileInfo(NamedTuple):
+    size: int
+    mtime: float | None  # seconds since the epoch; None when the store does not say (treated as young)
+
+
+def backoff(attempt: int) -> None:
+    time.sleep(BACKOFF * (2 ** attempt) * (0.5 + random.random()))  # jitter: concurrent clients do not retry in lockstep
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: 5xx, throttling, resets, timeouts, short or corrupt bodies."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, DeltaHubError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def locks_enabled() -> bool:
+    return os.environ.get(ENV_NO_LOCKS, "") not in ("1", "true", "yes")
+
+
+class Backend:
+    """The operations the registry layout needs; paths are POSIX, relative to the registry root."""
+
+    url: str
+    is_local = False
+
+    def info(self, rel: str) -> FileInfo | None: ...
+    def walk(self, prefix: str) -> dict[str, FileInfo]: ...
+    def read(self, rel: str, max_size: int) -> bytes: ...
+    def open(self, rel: str) -> IO[bytes]: ...
+    def download(self, rel: str, dst: Path, callback: Any = None) -> None: ...
+    def put_bytes(self, rel: str, data: bytes, *, create_only: bool) -> bool: ...
+    def upload(self, rel: str, src: Path, *, create_only: bool, callback: Any = None) -> bool: ...
+    def delete(self, rel: str) -> None: ...
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one operation (remote backends retry transient failures here)."""
+        return fn()
+
+    def touch(self, rel: str) -> None:
+        """Refresh a reused object's age where the store allows it (gc's grace period then covers it)."""
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def check(self) -> None:
+        """Fail early with a typed error if the store cannot be used at all (missing bucket)."""
+
+
+# ------------------------------------------------------------------------------------------- local
+class LocalBackend(Backend):
+    """A registry folder on a local filesystem: temp file + fsync + atomic rename for every write."""
+
+    is_local = True
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().absolute()
+        self.url = self.root.as_uri()
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def new_tmp(self, suffix: str = "") -> Path:
+        """A fresh path under ``tmp/`` (same filesystem as the blobs, so the final rename is atomic)."""
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp / f"{uuid.uuid4().hex}-{os.getpid()}{suffix}"
+
+    def info(self, rel: str) -> FileInfo | None:
+        try:
+            st = os.stat(self.path(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return FileInfo(st.st_size, st.st_mtime)
+
+    def walk(self, prefix: str) -> dict[str, FileInfo]:
+        out: dict[str, FileInfo] = {}
+        base = self.path(prefix)
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                p = Path(dirpath) / f
+                with contextlib.suppress(FileNotFoundError):  # deleted by a concurrent gc while we walk
+                    st = p.lstat()
+                    if p.is_file() and not p.is_symlink():
+                        out[p.relative_to(self.root).as_posix()] = FileInfo(st.st_size, st.st_mtime)
+        return out
+
+    def read(self, rel: str, max_size: int) -> bytes:
+        with open(self.path(rel), "rb") as f:
+            data = f.read(max_size + 1)
+        if len(data) > max_size:
+            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); the registry is damaged.")
+        return data
+
+    def open(self, rel: str) -> IO[bytes]:
+        return open(self.path(rel), "rb")
+
+    def download(self, rel: str, dst: Path, callback: Any = None) -> None:
+        with open(self.path(rel), "rb") as src, open(dst, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                if callback is not None:
+                    callback.relative_update(len(chunk))
+
+    def install(self, tmp: Path, rel: str, *, create_only: bool = False, readonly: bool = True) -> bool:
+        """fsync ``tmp`` and move it to ``rel``; returns False (and drops ``tmp``) if create-only and present.
+
+        Blobs are replaced (same hash, same bytes: the last writer wins harmlessly and a damaged blob gets
+        repaired); refs and intents are create-only, via ``link`` which fails atomically if the name exists.
+        """
+        dst = self.path(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o444 if readonly else 0o644)  # stored objects are immutable (HF #1360)
+            if not create_only:
+                os.replace(tmp, dst)
+            else:
+                try:
+                    os.link(tmp, dst)
+                except FileExistsError:
+                    return False
+                except OSError as exc:  # no hard links here (some network filesystems): check, then rename
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    if dst.exists():
+                        return False
+                    os.replace(tmp, dst)
+            fsync_dir(dst.parent)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_bytes(self, rel: str, data: bytes, *, create_only: bool) -> bool:
+        tmp = self.new_tmp()
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return self.install(tmp, rel, create_only=create_only, readonly=rel.startswith(("blobs/", "refs/")))
+
+    def upload(self, rel: str, src: Path, *, create_only: bool, callback: Any = None) -> bool:
+        tmp = self.new_tmp()
+        try:
+            self.download_path(src, tmp, callback)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return self.install(tmp, rel, create_only=create_only)
+
+    @staticmethod
+    def download_path(src: Path, dst: Path, callback: Any = None) -> None:
+        with open(src, "rb") as fin, open(dst, "wb") as out:
+            while chunk := fin.read(CHUNK):
+                out.write(chunk)
+                if callback is not None:
+                    callback.relative_update(len(chunk))
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(rel))
+
+    def touch(self, rel: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.path(rel))
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        if not locks_enabled():
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        path = self.root / "locks" / f"{name}.lock"  # lock files are never deleted (HF #1659)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path), timeout=600)
+
+
+# ------------------------------------------------------------------------------------------- fsspec
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "time_created", "modified"):
+        v = info.get(key)
+        if isinstance(v, datetime):
+            return v.timestamp()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, root path) for ``url``.
+
+    Raises:
+        RegistryError: unknown scheme, or its backend package is not installed (with the pip command).
+    """
+    import fsspec
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    opts = dict(storage_options or {})
+    if scheme in ("s3", "s3a"):
+        opts.setdefault("use_listings_cache", False)  # other machines write refs; a cached listing would hide them
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **opts)
+    except ImportError:
+        fix = _EXTRAS.get(scheme, f"install the fsspec backend for {scheme}://")
+        raise RegistryError(f"{scheme}:// registries need an extra package: {fix}.") from None
+    except ValueError as exc:
+        raise RegistryError(f"Cannot open registry {url!r} ({exc}); use a URL like s3://bucket/prefix or file:///path.") from None
+    return fs, root.rstrip("/")
+
+
+class FsspecBackend(Backend):
+    """A registry on any fsspec filesystem: create-only PUTs, listings, retries with backoff."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.fs, self.root = open_fs(url, storage_options)
+        self.scheme = url.split("://", 1)[0].lower()
+        self._checked = False
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one remote operation, retrying transient failures.
+
+        Raises:
+            AuthError: access denied. RemoteError: still failing after ATTEMPTS tries, or an unexpected error.
+            FileNotFoundError, FileExistsError: passed through for the caller to interpret.
+        """
+        for attempt in range(ATTEMPTS):
+            try:
+                return fn()
+            except (FileNotFoundError, FileExistsError, DeltaHubError):
+                raise
+            except PermissionError as exc:
+                raise AuthError(f"{self.url} refused {what} ({exc}); check your credentials and the bucket's permissions.") from None
+            except Exception as exc:  # noqa: BLE001 - fsspec backends raise anything; classify, then wrap
+                if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+                    raise AuthError(f"No credentials for {self.url}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE.") from None
+                if not is_transient(exc) or attempt == ATTEMPTS - 1:
+                    tries = f" after {attempt + 1} tries" if attempt else ""
+                    raise RemoteError(f"{what} on {self.url} failed{tries}: {type(exc).__name__}: {str(exc)[:200]}. "
+                                      "Check the endpoint and network, then retry.") from None
+                backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def check(self) -> None:
+        if self._checked or self.scheme not in _BUCKETED:
+            return
+        bucket = self.root.split("/", 1)[0]
+        if not self.call("bucket check", lambda: self.fs.exists(bucket)):
+            raise RegistryError(f"Bucket {bucket!r} does not exist or is not visible with these credentials; "
+                                f"create it (e.g. `aws s3 mb {self.scheme}://{bucket}`) or fix the URL.")
+        self._checked = True
+
+    def info(self, rel: str) -> FileInfo | None:
+        try:
+            d = self.call(f"stat {rel}", lambda: self.fs.info(self._p(rel)))
+        except FileNotFoundError:
+            return None
+        if d.get("type") not in (None, "file"):
+            return None
+        return FileInfo(int(d.get("size") or 0), _mtime(d))
+
+    def walk(self, prefix: str) -> dict[str, FileInfo]:
+        self.fs.invalidate_cache()  # a listing must show what other writers did since our last one
+        try:
+            found = self.call(f"list {prefix}", lambda: self.fs.find(self._p(prefix), detail=True))
+        except FileNotFoundError:
+            return {}
+        head = self._p("")
+        out = {}
+        for name, d in found.items():
+            name = name.lstrip("/") if not head.startswith("/") else name
+            if d.get("type", "file") == "file" and name.startswith(head):
+                out[name[len(head):]] = FileInfo(int(d.get("size") or 0), _mtime(d))
+        return out
+
+    def read(self, rel: str, max_size: int) -> bytes:
+        data = self.call(f"read {rel}", lambda: self.fs.cat_file(self._p(rel)))
+        if len(data) > max_size:
+            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); the registry is damaged.")
+        return data
+
+    def open(self, rel: str) -> IO[bytes]:
+        return self.call(f"open {rel}", lambda: self.fs.open(self._p(rel), "rb"))
+
+    def download(self, rel: str, dst: Path, callback: Any = None) -> None:
+        kw = {"callback": callback} if callback is not None else {}
+        self.call(f"download {rel}", lambda: self.fs.get_file(self._p(rel), str(dst), **kw))
+
+    def put_bytes(self, rel: str, data: bytes, *, create_only: bool) -> bool:
+        mode = "create" if create_only else "overwrite"
+        try:
+            self.call(f"write {rel}", lambda: self.fs.pipe_file(self._p(rel), data, mode=mode))
+        except FileExistsError:
+            return False
+        return True
+
+    def upload(self, rel: str, src: Path, *, create_only: bool, callback: Any = None) -> bool:
+        kw: dict[str, Any] = {"mode": "create" if create_only else "overwrite"}
+        if callback is not None:
+            kw["callback"] = callback
+        try:
+            self.call(f"upload {rel}", lambda: self.fs.put_file(str(src), self._p(rel), **kw))
+        except FileExistsError:
+            return False
+        return True
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.call(f"delete {rel}", lambda: self.fs.rm_file(self._p(rel)))
+
+
+def open_backend(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Backend:
+    """A :class:`LocalBackend` for plain paths and ``file://`` URLs (atomic renames), else an fsspec one."""
+    s = os.fspath(url)
+    if "://" not in s:
+        return LocalBackend(Path(s))
+    if s.lower().startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(s)
+        if parts.netloc not in ("", "localhost"):
+            raise RegistryError(f"file:// URLs name a local path (file:///abs/path), not host {parts.netloc!r}.")
+        return LocalBackend(Path(unquote(parts.path)))
+    return FsspecBackend(s, storage_options)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder (its files may be read-only blobs: unlinking needs write access to the folder only)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmp_file(backend: LocalBackend) -> Iterator[Path]:
+    """A temp path in the registry's ``tmp/`` that is removed on exit unless it was moved away."""
+    p = backend.new_tmp()
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
