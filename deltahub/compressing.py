@@ -138,12 +138,11 @@ class _Job:
         for p in tqdm(plan.pairs, desc=f"compress ({self.codec.name})", unit="tensor", disable=progress_disabled()):
             ft_t = ft.get(p.name)
             if p.op == "add":
-                d = exact_delta(ft_t, base.get(p.base_name))
+                d, exact = exact_delta(ft_t, base.get(p.base_name))
                 if d is None:
                     self.counts["unchanged"] += 1
                     continue
-                lossless_ok = torch.equal((base.get(p.base_name).double() + d.double()).to(ft_t.dtype), ft_t)
-                if ft_t.is_floating_point() and (lossless_ok or not self.codec.lossless):
+                if ft_t.is_floating_point() and (exact or not self.codec.lossless):
                     self._encode_add(writer, p, d, tuple(ft_t.shape), dtype_name(ft_t.dtype))
                     touched.append(p.base_name)
                     continue

@@ -75,20 +75,22 @@ def align(base: Checkpoint, ft: Checkpoint) -> Plan:
     return Plan(pairs, prefix, sorted(base_keys - used))
 
 
-def exact_delta(ft_t: torch.Tensor, base_t: torch.Tensor) -> torch.Tensor | None:
-    """θ_ft − θ_base, in fp32 where that is exact for the round trip, else fp64; None if unchanged.
+def exact_delta(ft_t: torch.Tensor, base_t: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """(θ_ft − θ_base, exact) in fp32 where that round-trips exactly, else fp64; (None, True) if unchanged.
 
-    For bf16/fp16 weights the fp32 difference is exact; for fp32 weights a few elements usually need
-    fp64 (when θ crosses zero, Sterbenz's lemma no longer holds).
+    ``exact`` says whether base + Δ rounds back to θ_ft bit for bit. For bf16/fp16 weights the fp32
+    difference is exact; for fp32 weights a few elements usually need fp64 (when θ crosses zero,
+    Sterbenz's lemma no longer holds); fp64 is exact unless the two values are more than 2**29 apart in
+    scale, which a lossless codec then handles by storing the tensor whole.
     """
     if torch.equal(ft_t, base_t):
-        return None
-    f, b = ft_t.to(torch.float64), base_t.to(torch.float64)
-    d64 = f - b
+        return None, True
+    b = base_t.to(torch.float64)
+    d64 = ft_t.to(torch.float64) - b
     d32 = d64.float()
     if torch.equal((b + d32.double()).to(ft_t.dtype), ft_t):
-        return d32
-    return d64
+        return d32, True
+    return d64, torch.equal((b + d64).to(ft_t.dtype), ft_t)
 
 
 class CheckpointDelta(DeltaSource):
@@ -101,6 +103,6 @@ class CheckpointDelta(DeltaSource):
         for p in self.plan.pairs:
             if p.op != "add" or not self.ft.info(p.name)[0].is_floating_point:
                 continue
-            d = exact_delta(self.ft.get(p.name), self.base.get(p.base_name))
+            d, _ = exact_delta(self.ft.get(p.name), self.base.get(p.base_name))
             if d is not None:
                 yield p.name, d.float()
