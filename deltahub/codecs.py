@@ -221,10 +221,15 @@ def discover_codecs() -> list[PluginInfo]:
         except Exception as exc:  # a broken third-party plugin must not break unrelated commands
             info = PluginInfo(ep.name, GROUP, _dist(ep), ep.value, error=f"{type(exc).__name__}: {exc}")
         if ep.name in seen and seen[ep.name].target != ep.value:
-            info = PluginInfo(
-                ep.name, GROUP, info.distribution, ep.value,
-                error=f"duplicate name, also provided by {seen[ep.name].distribution}",
-            )
+            first = seen[ep.name]
+            if info.distribution == BUILTIN_DISTRIBUTION:  # report the plugin, not the built-in
+                infos[infos.index(first)] = PluginInfo(first.name, GROUP, first.distribution, first.target,
+                                                       error="duplicate name, shadowed by the built-in codec")
+                seen[ep.name] = info
+            else:
+                why = ("shadowed by the built-in codec" if first.distribution == BUILTIN_DISTRIBUTION
+                       else f"also provided by {first.distribution}")
+                info = PluginInfo(ep.name, GROUP, info.distribution, ep.value, error=f"duplicate name, {why}")
         seen.setdefault(ep.name, info)
         infos.append(info)
     for name, cls in _REGISTERED.items():
@@ -250,8 +255,14 @@ def get_codec(name: str) -> Codec:
     if not matches:
         raise CodecNotFoundError(name, available_codecs())
     if len({ep.value for ep in matches}) > 1:
-        dists = " and ".join(sorted(_dist(ep) for ep in matches))
-        raise PluginError(f"Codec '{name}' is provided by both {dists}; uninstall one of them.")
+        builtin = [ep for ep in matches if _dist(ep) == BUILTIN_DISTRIBUTION]
+        if not builtin:
+            dists = " and ".join(sorted(_dist(ep) for ep in matches))
+            raise PluginError(f"Codec '{name}' is provided by both {dists}; uninstall one of them.")
+        # a built-in name is never taken over by a plugin: artifacts everywhere rely on what it means
+        logger.warning("codec %r from %s is shadowed by the built-in one", name,
+                       ", ".join(_dist(ep) for ep in matches if ep not in builtin))
+        matches = builtin
     try:
         return _validate(matches[0].load(), name)()
     except PluginError:
