@@ -5,7 +5,7 @@ What it is. For every linear layer ℓ of the *fine-tuned* model, the inputs X_�
 layer sees when that model runs on a few calibration texts. A weight error E_ℓ (same layout as the weight,
 (out, in)) changes the layer's outputs on those inputs by ‖X_ℓ E_ℓᵀ‖²_F = tr(E_ℓ G_ℓ E_ℓᵀ) with the Gram
 matrix G_ℓ = X_ℓᵀ X_ℓ. The codecs only ever need inner products ⟨X Aᵀ, X Bᵀ⟩ = tr(A G Bᵀ) (:meth:`inner`),
-so each layer keeps whichever is smaller: the rows X (tokens < in) or G.
+so each layer keeps whichever is smaller: the rows X (tokens ≤ in) or G (:meth:`products`).
 
 Where it comes from (DESIGN §2.3). ``--calibration FILE`` is a JSONL file: one text per line, as a JSON
 string or an object with a ``"text"`` field (blank lines skipped; the first ``max_texts`` used). The texts are
@@ -176,22 +176,33 @@ class Calibration:
         hits = [k for k in hits if len(k) == best]
         return hits[0] if len(hits) == 1 else None
 
-    def inner(self, tensor_name: str, a: torch.Tensor, b: torch.Tensor) -> float | None:
-        """⟨X Aᵀ, X Bᵀ⟩ = tr(A G Bᵀ) for two tensors shaped like weight ``tensor_name``; None without data.
-
-        None also when the shapes do not fit the recorded in_features (not a linear weight).
+    def products(self, tensor_name: str, *mats: torch.Tensor) -> torch.Tensor | None:
+        """P[i, j] = ⟨X M_iᵀ, X M_jᵀ⟩ = tr(M_i G M_jᵀ) (fp64, k × k) for tensors shaped like weight
+        ``tensor_name``; one matmul per tensor. None without activations, or when the shapes do not fit
+        the recorded in_features (not a linear weight).
         """
         mod = self.resolve(tensor_name)
-        if mod is None or a.dim() != 2 or a.shape != b.shape:
+        if mod is None or not mats or any(m.dim() != 2 or m.shape != mats[0].shape for m in mats):
             return None
-        if mod in self.transposed:
-            a, b = a.T, b.T
-        a, b = a.to(torch.float64), b.to(torch.float64)
+        ms = [(m.T if mod in self.transposed else m).to(torch.float64) for m in mats]
         if mod in self._gram:
             g = self._gram[mod]
-            return float(((a @ g) * b).sum()) if g.shape[0] == a.shape[1] else None
-        x = self._rows[mod]
-        return float(((x @ a.T) * (x @ b.T)).sum()) if x.shape[1] == a.shape[1] else None
+            if g.shape[0] != ms[0].shape[1]:
+                return None
+            left, right = [m @ g for m in ms], ms  # tr(M_i G M_jᵀ) = Σ (M_i G) ⊙ M_j
+        else:
+            x = self._rows[mod]
+            if x.shape[1] != ms[0].shape[1]:
+                return None
+            left = right = [x @ m.T for m in ms]  # the layer's output changes X M_iᵀ
+        k = len(ms)
+        return torch.tensor([[float((left[i] * right[j]).sum()) for j in range(k)] for i in range(k)],
+                            dtype=torch.float64)
+
+    def inner(self, tensor_name: str, a: torch.Tensor, b: torch.Tensor) -> float | None:
+        """⟨X Aᵀ, X Bᵀ⟩ = tr(A G Bᵀ); None as for :meth:`products`."""
+        p = self.products(tensor_name, a, b)
+        return None if p is None else float(p[0, 1])
 
 
 def require(calibration: Any, codec: str, option: str) -> Calibration:

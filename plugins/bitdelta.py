@@ -87,10 +87,10 @@ class BitdeltaCodec(Codec):
             if d.dim() != 2 or cal.resolve(name) is None:
                 continue
             b = torch.where(d >= 0, 1.0, -1.0)
-            bb = cal.inner(name, b, b)
-            if bb is None:
+            prod = cal.products(name, b, d)
+            if prod is None:
                 continue
-            db, dd = float(cal.inner(name, d, b)), float(cal.inner(name, d, d))
+            bb, db, dd = float(prod[0, 0]), float(prod[0, 1]), float(prod[1, 1])
             s0 = _mean_abs(d)
             s = db / bb if bb > 0 else float("nan")
             if not (math.isfinite(s) and s > 0):

@@ -79,10 +79,10 @@ class DarexCodec(DareCodec):
                 continue
             keep = keep_mask(config.seed, name, d.numel(), config.p).reshape(d.shape)
             a = torch.where(keep, d.to(_VALUE_DTYPES[config.value_dtype]).float(), 0.0)
-            aa = cal.inner(name, a, a)
-            if aa is None:
+            prod = cal.products(name, a, d)
+            if prod is None:
                 continue
-            s_aa, s_ad, s_dd = s_aa + aa, s_ad + float(cal.inner(name, a, d)), s_dd + float(cal.inner(name, d, d))
+            s_aa, s_ad, s_dd = s_aa + float(prod[0, 0]), s_ad + float(prod[0, 1]), s_dd + float(prod[1, 1])
             layers += 1
         if not layers:
             raise CodecConfigError("darex q=auto: the calibration activations match none of the encoded weights; "
