@@ -82,8 +82,11 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int, what: str = "codes
     buf = packed.numpy()
     if nbits % 8 and buf[-1] >> (nbits % 8):
         raise ValueError(f"{what} have nonzero padding bits")
-    flat = np.unpackbits(buf, count=nbits, bitorder="little").reshape(count, bits).astype(np.int64)
-    return torch.from_numpy((flat << np.arange(bits, dtype=np.int64)).sum(axis=1))
+    flat = np.unpackbits(buf, count=nbits, bitorder="little").reshape(count, bits)
+    codes = flat[:, 0].astype(np.int64)
+    for j in range(1, bits):  # b column passes beat a (count, b) int64 shift-and-sum
+        codes |= flat[:, j].astype(np.int64) << j
+    return torch.from_numpy(codes)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
