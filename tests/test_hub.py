@@ -418,3 +418,47 @@ def test_card_of_pushed_artifact(hub, artifacts, tmp_path):
     # the pulled folder is the manifest and its payloads only; `deltahub card` renders from the verified manifest
     pulled = Registry().pull(URL)
     assert not (pulled.folder / "README.md").exists() or check_card((pulled.folder / "README.md").read_text()) == []
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_push_pull_ls_card(hub, artifacts, tmp_path):
+    art = artifacts["compeft"]
+    result = run_cli("push", str(art.folder), "--to", URL)
+    assert result.exit_code == 0, result.output
+    assert f"pushed expert:latest ({art.id[:12]}" in result.output and URL in result.output
+    first = hub.head(REPO)
+    assert run_cli("push", str(artifacts["dense"].folder), "--to", URL).exit_code == 0
+
+    result = run_cli("pull", f"{URL}@{first}", "-o", str(tmp_path / "copy"))
+    assert result.exit_code == 0, result.output
+    assert f"pulled expert ({art.id[:12]})" in result.output and deltahub.load(tmp_path / "copy").id == art.id
+    result = run_cli("pull", URL)
+    assert result.exit_code == 0 and f"pulled expert ({artifacts['dense'].id[:12]})" in result.output
+
+    result = run_cli("ls", URL, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)[0]["id"] == artifacts["dense"].id
+    listed = run_cli("ls").output
+    assert "expert" in listed and first[:12] in listed and "latest" in listed
+
+    result = run_cli("card", URL, "--repo-id", REPO)
+    assert result.exit_code == 0 and check_card(result.output) == [] and "deltahub pull hf://alice/expert" in result.output
+
+
+def test_cli_errors_are_one_line(auth_hub, artifacts, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    result = run_cli("push", str(artifacts["dense"].folder), "--to", URL)
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: Create hf://alice/expert needs a Hub token with write access: set HF_TOKEN "
+                                     "or run `hf auth login`.")
+    result = run_cli("pull", "hf://alice/missing@v1")
+    assert result.exit_code == 1 and result.output.startswith("Error: hf://alice/missing@v1 was not found")
+    result = run_cli("pull", "hf://alice")
+    assert result.exit_code == 1 and "does not name a Hub repo" in result.output
