@@ -50,7 +50,6 @@ _TRANSIENT_NAMES = {"TransportError", "NetworkError", "TimeoutException", "Conne
                     "ConnectionError", "ChunkedEncodingError", "ProtocolError", "IncompleteRead"}
 _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
                     errno.EIO, errno.EAGAIN}
-IGNORED = (".gitattributes",)  # what the Hub adds to every repo; never part of an artifact
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _is_transient(exc: BaseException) -> bool:
     for e in _chain(exc):
+        if type(e).__name__ == "OfflineModeIsEnabled":  # a ConnectionError that no retry fixes
+            return False
         if isinstance(e, DeltaHubError) and not isinstance(e, IntegrityError):
             return False
         if isinstance(e, IntegrityError):
@@ -201,7 +202,7 @@ class HubRemote:
                                          f"check the branch or commit (`deltahub ls {SCHEME}{self.repo_id}`).")
         if isinstance(exc, (E.EntryNotFoundError, E.RemoteEntryNotFoundError)) and not isinstance(exc, E.LocalEntryNotFoundError):
             return ArtifactNotFoundError(f"{where} has no file {filename or '?'!r}; it is not a complete deltahub artifact.")
-        if type(exc).__name__ == "OfflineModeIsEnabled" or (
+        if any(type(e).__name__ == "OfflineModeIsEnabled" for e in _chain(exc)) or (
                 isinstance(exc, E.LocalEntryNotFoundError) and not _is_transient(exc)):
             return RemoteError(f"Cannot reach the Hub for {where}: HF_HUB_OFFLINE is set or the endpoint is unreachable; "
                                "unset HF_HUB_OFFLINE and check HF_ENDPOINT.")
@@ -478,9 +479,7 @@ class HubRemote:
         from deltahub.artifact import Artifact
         from deltahub.registry.refs import DEFAULT_TAG, RefInfo, summary
 
-        art = Artifact.load(artifact) if not isinstance(artifact, Artifact) else artifact
-        if isinstance(artifact, Artifact):
-            art.verify_files()
+        art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)  # loaded = verified
         if self.revision and _COMMIT.match(self.revision):
             raise RegistryError(f"Cannot push to a commit ({self.url}); push to a branch: {SCHEME}{self.repo_id}[@BRANCH].")
         branch = self.revision or "main"

@@ -391,6 +391,39 @@ def test_client_errors_are_not_retried(hub, artifacts):
     assert [r.status for r in hub.requests if r.route == "repo_info"][-1] == 400 and hub.count("resolve", "GET") == 0
 
 
+def test_concurrent_push_412_is_retried_on_the_new_head(hub, artifacts):
+    HubRemote(URL).push_artifact(artifacts["compeft"], name="expert", tag="latest")
+    hub.fail_next("commit", status=412)  # another push moved the branch between our listing and our commit
+    info = HubRemote(URL).push_artifact(artifacts["dense"], name="expert", tag="latest")
+    assert [r.status for r in hub.requests if r.route == "commit"] == [200, 412, 200]
+    assert info.url == f"{URL}@{hub.head(REPO)}" and Registry().pull(URL).id == artifacts["dense"].id
+
+
+def test_offline_mode_is_not_retried(hub, artifacts, monkeypatch):
+    from huggingface_hub import constants
+
+    HubRemote(URL).push_artifact(artifacts["compeft"], name="expert", tag="latest")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n = len(hub.requests)
+    with pytest.raises(RemoteError, match=re.escape("Cannot reach the Hub for hf://alice/expert: HF_HUB_OFFLINE is set")):
+        Registry().pull(URL)
+    assert len(hub.requests) == n
+
+
+def test_remote_protocol_ls_and_verify(hub, artifacts):
+    from deltahub.registry import Remote, open_remote
+
+    remote = open_remote(URL)
+    assert isinstance(remote, HubRemote) and isinstance(remote, Remote) and remote.url == URL
+    remote.push_artifact(artifacts["compeft"], name="expert", tag="latest")
+    [info] = remote.ls()
+    assert (info.name, info.tag, info.id, info.codec) == ("expert", "latest", artifacts["compeft"].id, "compeft")
+    assert remote.verify() == []
+    hub.corrupt(REPO, artifacts["compeft"].manifest.files[0].path)
+    assert remote.verify() == [f"hf://alice/expert: {artifacts['compeft'].manifest.files[0].path} does not match its "
+                               "sha256 in the manifest: it is corrupted. Pull again."]
+
+
 # ------------------------------------------------------------------------------------------ card
 def test_card_of_pushed_artifact(hub, artifacts, tmp_path):
     from huggingface_hub import ModelCard
