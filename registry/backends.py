@@ -30,10 +30,12 @@ BACKOFF = 0.2  # seconds before the 2nd try; doubles each time (tests lower it)
 CHUNK = 8 << 20
 T = TypeVar("T")
 _TRANSIENT_ERRNO = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
-                    errno.EAGAIN, errno.EPIPE, errno.ECONNREFUSED}
+                    errno.EAGAIN, errno.EPIPE}
+# not retried here: the client already retried them (botocore: 5 tries), and an endpoint that refuses every
+# connection will not answer a 6th time
+_UNREACHABLE_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}
 _TRANSIENT_NAMES = {"ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "ClientConnectionError",
-                    "ClientConnectorError", "FlexibleChecksumError", "ReadTimeoutError", "ConnectTimeoutError",
-                    "EndpointConnectionError", "ConnectionClosedError", "IncompleteReadError",
+                    "FlexibleChecksumError", "ReadTimeoutError", "ConnectionClosedError", "IncompleteReadError",
                     "ResponseStreamingError", "ProtocolError", "ContentLengthError"}
 _EXTRAS = {"s3": "pip install 'deltahub[s3]'", "s3a": "pip install 'deltahub[s3]'", "gs": "pip install gcsfs",
            "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs", "abfss": "pip install adlfs"}
@@ -51,7 +53,9 @@ def backoff(attempt: int) -> None:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: 5xx, throttling, resets, timeouts, short or corrupt bodies."""
-    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, DeltaHubError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, DeltaHubError, ConnectionRefusedError)):
+        return False
+    if any(c.__name__ in _UNREACHABLE_NAMES for c in type(exc).__mro__):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -256,6 +260,7 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
     opts = dict(storage_options or {})
     if scheme in ("s3", "s3a"):
         opts.setdefault("use_listings_cache", False)  # other machines write refs; a cached listing would hide them
+        opts.setdefault("skip_instance_cache", True)  # a cached client would keep an old endpoint and credentials
     try:
         fs, root = fsspec.core.url_to_fs(url, **opts)
     except ImportError:
@@ -285,7 +290,8 @@ class FsspecBackend(Backend):
             AuthError: access denied. RemoteError: still failing after ATTEMPTS tries, or an unexpected error.
             FileNotFoundError, FileExistsError: passed through for the caller to interpret.
         """
-        for attempt in range(ATTEMPTS):
+        tries = ATTEMPTS  # read per call so tests can lower it
+        for attempt in range(tries):
             try:
                 return fn()
             except (FileNotFoundError, FileExistsError, DeltaHubError):
@@ -295,7 +301,10 @@ class FsspecBackend(Backend):
             except Exception as exc:  # noqa: BLE001 - fsspec backends raise anything; classify, then wrap
                 if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
                     raise AuthError(f"No credentials for {self.url}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE.") from None
-                if not is_transient(exc) or attempt == ATTEMPTS - 1:
+                if any(c.__name__ in _UNREACHABLE_NAMES for c in type(exc).__mro__) or isinstance(exc, ConnectionRefusedError):
+                    raise RemoteError(f"Cannot connect to {self.url} ({str(exc)[:200]}); check the endpoint "
+                                      "(AWS_ENDPOINT_URL), your network, and retry.") from None
+                if not is_transient(exc) or attempt == tries - 1:
                     tries = f" after {attempt + 1} tries" if attempt else ""
                     raise RemoteError(f"{what} on {self.url} failed{tries}: {type(exc).__name__}: {str(exc)[:200]}. "
                                       "Check the endpoint and network, then retry.") from None
@@ -306,9 +315,11 @@ class FsspecBackend(Backend):
         if self._checked or self.scheme not in _BUCKETED:
             return
         bucket = self.root.split("/", 1)[0]
-        if not self.call("bucket check", lambda: self.fs.exists(bucket)):
+        try:
+            self.call("bucket check", lambda: self.fs.info(bucket))  # unlike exists(), does not hide network errors
+        except FileNotFoundError:
             raise RegistryError(f"Bucket {bucket!r} does not exist or is not visible with these credentials; "
-                                f"create it (e.g. `aws s3 mb {self.scheme}://{bucket}`) or fix the URL.")
+                                f"create it (e.g. `aws s3 mb {self.scheme}://{bucket}`) or fix the URL.") from None
         self._checked = True
 
     def info(self, rel: str) -> FileInfo | None:

@@ -24,7 +24,8 @@ from typing import Any
 from deltahub.errors import ArtifactNotFoundError, DeltaHubError, IntegrityError, RegistryError
 from deltahub.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 
-from deltahub.registry.backends import ATTEMPTS, CHUNK, Backend, LocalBackend, backoff, tmp_file
+from deltahub.registry import backends
+from deltahub.registry.backends import CHUNK, Backend, LocalBackend, backoff, tmp_file
 from deltahub.registry.refs import (
     GcReport, RefEntry, RefInfo, check_name, entry_bytes, intent_path, is_hex_id, is_valid_name, looks_like_id,
     newest, parse_intent_path, parse_ref_path, ref_info, split_name_tag, summary,
@@ -99,7 +100,7 @@ class Store:
                     n += len(chunk)
             return n, h.hexdigest()
 
-        tries = 1 if self.backend.is_local else ATTEMPTS
+        tries = 1 if self.backend.is_local else backends.ATTEMPTS
         for attempt in range(tries):
             got = self.backend.call(f"read {blob_rel(hex_)}", once)
             if got[1] == hex_ or attempt == tries - 1:
@@ -137,7 +138,7 @@ class Store:
             ArtifactNotFoundError: the blob is missing. IntegrityError: wrong size or sha256 on every try.
         """
         rel, last = blob_rel(hex_), ""
-        tries = 1 if self.backend.is_local else ATTEMPTS
+        tries = 1 if self.backend.is_local else backends.ATTEMPTS
         for attempt in range(tries):
             info = self.backend.info(rel)
             if info is None:
@@ -165,7 +166,7 @@ class Store:
             ManifestError, FormatVersionError, UnsafePathError: a bad manifest.
         """
         rel = blob_rel(id_)
-        tries = 1 if self.backend.is_local else ATTEMPTS
+        tries = 1 if self.backend.is_local else backends.ATTEMPTS
         for attempt in range(tries):
             info = self.backend.info(rel)
             if info is None:
