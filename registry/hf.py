@@ -206,18 +206,17 @@ class HubRemote:
                 isinstance(exc, E.LocalEntryNotFoundError) and not _is_transient(exc)):
             return RemoteError(f"Cannot reach the Hub for {where}: HF_HUB_OFFLINE is set or the endpoint is unreachable; "
                                "unset HF_HUB_OFFLINE and check HF_ENDPOINT.")
-        if isinstance(exc, E.LocalTokenNotFoundError):
-            return AuthError(f"{what} {where} needs a Hub token: set HF_TOKEN or run `hf auth login`.")
         status = _status(exc)
+        if isinstance(exc, E.LocalTokenNotFoundError) or (status == 401 and not token):
+            if write:
+                return AuthError(f"Pushing to {where} needs a Hub token with write access: set HF_TOKEN or run "
+                                 "`hf auth login`.")
+            return AuthError(f"{where} needs a Hub token: set HF_TOKEN or run `hf auth login`.")
         if status == 401:
-            if token:
-                return AuthError(f"The Hub refused the token for {where} (401): set a valid HF_TOKEN or run `hf auth login`.")
-            return AuthError(f"{what.capitalize()} {where} needs a Hub token with write access: set HF_TOKEN or run "
-                             "`hf auth login`." if write else
-                             f"{where} needs a Hub token: set HF_TOKEN or run `hf auth login`.")
+            return AuthError(f"The Hub refused the token for {where} (401): set a valid HF_TOKEN or run `hf auth login`.")
         if status == 403:
-            return AuthError(f"The Hub token may not {what} {where} (403): use a token with write access (set HF_TOKEN "
-                             "or run `hf auth login`).")
+            return AuthError(f"The Hub token has no write access to {where} (403): use a token with write permission "
+                             "(set HF_TOKEN or run `hf auth login`).")
         if status == 404:
             return ArtifactNotFoundError(f"{where} was not found on the Hub (404): check the repo name and revision.")
         if status == 412:
@@ -228,7 +227,7 @@ class HubRemote:
         return RemoteError(f"{what.capitalize()} {where} failed: {type(exc).__name__}: {message}. Retry later.")
 
     def _call(self, what: str, fn: Callable[[], T], *, revision: str | None = None, filename: str | None = None,
-              write: bool = False, on_retry: Callable[[], None] | None = None) -> T:
+              write: bool = False) -> T:
         """``fn()`` with retries on transient failures; anything else becomes a deltahub error at once."""
         for attempt in range(ATTEMPTS):
             try:
@@ -237,8 +236,6 @@ class HubRemote:
                 if not isinstance(exc, IntegrityError) or attempt == ATTEMPTS - 1:
                     raise
                 backoff(attempt)
-                if on_retry is not None:
-                    on_retry()
                 continue
             except Exception as exc:  # noqa: BLE001 - huggingface_hub and httpx raise many types
                 if not _is_transient(exc):
@@ -249,8 +246,6 @@ class HubRemote:
                     raise RemoteError(f"{what.capitalize()} {self._where(revision)} failed after {ATTEMPTS} tries ({why}); "
                                       "the Hub or the network is having trouble, retry later.") from exc
                 backoff(attempt)
-                if on_retry is not None:
-                    on_retry()
         raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------------------------------- listing

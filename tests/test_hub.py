@@ -253,8 +253,8 @@ def test_private_repo_with_and_without_token(auth_hub, artifacts, monkeypatch):
     assert [(r.route, r.status) for r in auth_hub.requests[n:]] == [("repo_info", 401)]  # not retried
     with pytest.raises(AuthError) as push:
         HubRemote(URL).push_artifact(art, name="expert", tag="latest")
-    assert str(push.value) == ("Create hf://alice/expert needs a Hub token with write access: set HF_TOKEN or run "
-                               "`hf auth login`.")
+    assert str(push.value) == ("Pushing to hf://alice/expert needs a Hub token with write access: set HF_TOKEN or "
+                               "run `hf auth login`.")
 
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     for call in (lambda: Registry().pull(URL), lambda: HubRemote(URL).push_artifact(art, name="e", tag="t")):
@@ -383,6 +383,30 @@ def test_5xx_are_retried(hub, artifacts):
     assert not (home() / "dest").exists()
 
 
+@pytest.mark.parametrize("kinds", [["reset"], ["flip"], ["truncate", "ignore_range"]], ids="+".join)
+def test_network_faults_mid_body_through_a_proxy(hub, artifacts, monkeypatch, tmp_path, kinds):
+    """A connection reset or a short body mid-download, one flipped byte, a Range ignored: retried, then verified."""
+    try:
+        from tests.s3server import run_fault_proxy
+    except ImportError:
+        from s3server import run_fault_proxy  # type: ignore[no-redef]
+    from tests.hubserver import patch_hf_env
+
+    art = artifacts["compeft"]
+    HubRemote(URL).push_artifact(art, name="expert", tag="latest")
+    payload = art.manifest.files[0].path
+    with run_fault_proxy(hub.url) as proxy:
+        patch_hf_env(monkeypatch, proxy.endpoint_url, tmp_path / "hf_home_proxy")
+        faults = [proxy.add_fault(kind, match=f"/resolve/{hub.head(REPO)}/{payload}", after_bytes=100) for kind in kinds]
+        pulled = Registry().pull(URL)
+        assert pulled.id == art.id and pulled.decode().keys() == art.decode().keys()
+        assert [f.hits for f in faults] == [1] * len(kinds)
+        # a short body is fetched again by the client (maybe with a Range, maybe answered whole), a flipped byte by
+        # us: two GETs either way
+        assert len(proxy.requests("GET", match=payload)) == 2
+    assert local_blobs() and import_dirs() == []
+
+
 def test_client_errors_are_not_retried(hub, artifacts):
     HubRemote(URL).push_artifact(artifacts["compeft"], name="expert", tag="latest")
     hub.fail_next("repo_info", status=400)
@@ -489,8 +513,8 @@ def test_cli_errors_are_one_line(auth_hub, artifacts, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     result = run_cli("push", str(artifacts["dense"].folder), "--to", URL)
     assert result.exit_code == 1
-    assert result.output.strip() == ("Error: Create hf://alice/expert needs a Hub token with write access: set HF_TOKEN "
-                                     "or run `hf auth login`.")
+    assert result.output.strip() == ("Error: Pushing to hf://alice/expert needs a Hub token with write access: set "
+                                     "HF_TOKEN or run `hf auth login`.")
     result = run_cli("pull", "hf://alice/missing@v1")
     assert result.exit_code == 1 and result.output.startswith("Error: hf://alice/missing@v1 was not found")
     result = run_cli("pull", "hf://alice")
