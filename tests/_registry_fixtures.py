@@ -83,13 +83,16 @@ def cli(args: list[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- concurrency
-def worker(args: tuple[str | None, list[str], int, int, str]) -> list[str]:
-    """One process of the concurrency test: push and pull the same names, resolve what it sees.
+def worker(args: tuple[str | None, list[str], int, int, dict[str, str]]) -> list[str]:
+    """One task of the concurrency test: push and pull the same names, resolve and decode what it sees.
 
-    args: (registry url or None for the local one, artifact folders, worker index, rounds, shared local home)
-    Returns the problems it saw (typed errors are problems too: nothing may fail here).
+    args: (registry url or None for the local one, artifact folders, worker index, rounds, environment)
+    Returns the problems it saw (a typed error is a problem too: nothing may fail here).
     """
-    url, folders, index, rounds, _home = args
+    url, folders, index, rounds, env = args
+    os.environ.update(env)  # pool processes are reused across runs with different homes and lock settings
+    if not env.get("DELTAHUB_NO_LOCKS"):
+        os.environ.pop("DELTAHUB_NO_LOCKS", None)
     from deltahub.registry import Registry
 
     rng = random.Random(index)
@@ -99,12 +102,9 @@ def worker(args: tuple[str | None, list[str], int, int, str]) -> list[str]:
         folder = folders[rng.randrange(len(folders))]
         try:
             info = reg.push(folder, name="shared", tag="latest")
-            reg.push(folder, name=f"w{index}", tag=f"r{r % 2}")
-            if url is None:
-                art = reg.resolve("shared")
-            else:
-                art = reg.pull(f"{url}/shared:latest")
-            if len(art.id) != 64 or not info.id:
+            reg.push(folder, name=f"w{index % 2}", tag=f"r{r % 2}")  # two workers share each of these names too
+            art = reg.resolve("shared") if url is None else Registry().pull(f"{url}/shared:latest")
+            if len(art.id) != 64 or len(info.id) != 64:
                 problems.append(f"worker {index}: bad id")
             art.decode()
             if r == rounds // 2:
