@@ -134,12 +134,17 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, revision: str
     name = manifest.name
     base = hub_base(manifest)
     base_rev = manifest.base.location.get("revision") if base else None
-    base_desc = f"[`{base}`](/{base})" + (f" @ `{base_rev}`" if base_rev else "") if base else f"`{manifest.base.name or 'unnamed'}`"
+    if base:
+        base_desc = f"[`{base}`](/{base})" + (f" @ `{base_rev}`" if base_rev else "")
+    else:
+        base_desc = f"`{manifest.base.name or 'unnamed'}`"
     fidelity = meta.get("fidelity")
     fid_row = ""
     if fidelity:
-        fid_row = "| fidelity | " + ", ".join(f"{k}: {_fmt(v) if _num(v) is not None else v}" for k, v in fidelity.items()) + " |\n"
+        shown = (f"{k}: {_fmt(v) if _num(v) is not None else v}" for k, v in fidelity.items())
+        fid_row = "| fidelity | " + ", ".join(shown) + " |\n"
     options = ", ".join(f"{k}={v}" for k, v in sorted((s.get("codec_params") or {}).items())) or "defaults"
+    counts = " / ".join(str(s.get(k, "n/a")) for k in ("matched", "new", "replaced", "unchanged"))
 
     base_dir = "BASE_MODEL_DIR"
     if base:
@@ -171,7 +176,7 @@ A fine-tuned model stored as a compressed task delta against its base with
 | bits per parameter | {_fmt(s.get('bits_per_param'))} |
 | ratio vs dense fp16 delta | {_fmt(s.get('ratio_vs_fp16'), suffix='×')} |
 | relative reconstruction error | {_fmt(s.get('rel_error'))} |
-{fid_row}| tensors (matched / new / replaced / unchanged) | {s.get('matched', 'n/a')} / {s.get('new', 'n/a')} / {s.get('replaced', 'n/a')} / {s.get('unchanged', 'n/a')} |
+{fid_row}| tensors (matched / new / replaced / unchanged) | {counts} |
 | base | {base_desc} |
 | base fingerprint | `{manifest.base.fingerprint}` |
 | artifact id | `{manifest.id}` |

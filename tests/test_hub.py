@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -23,7 +22,6 @@ from deltahub.errors import (  # noqa: E402
 )
 from deltahub.registry import backends  # noqa: E402
 from deltahub.registry.hf import HubRemote, parse_hub_url  # noqa: E402
-from deltahub.registry.local import LocalRegistry  # noqa: E402
 from deltahub.testing import pico_pair  # noqa: E402
 
 try:
