@@ -159,7 +159,8 @@ class Registry:
         """
         if self._remote is None:
             return self.local.verify(ref)
-        return self._maintained().verify(ref)
+        check = self._upkeep("verify")
+        return check() if ref is None else check(ref)
 
     def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False) -> GcReport:
         """Delete blobs no ref needs that are older than ``grace_seconds`` (and superseded ref entries).
@@ -169,13 +170,15 @@ class Registry:
         """
         if self._remote is None:
             return self.local.gc(grace_seconds=grace_seconds, dry_run=dry_run)
-        return self._maintained().gc(grace_seconds=grace_seconds, dry_run=dry_run)
+        return self._upkeep("gc")(grace_seconds=grace_seconds, dry_run=dry_run)
 
-    def _maintained(self) -> Any:
-        if not isinstance(self._remote, ObjectStoreRemote):
-            raise RegistryError(f"{self.url} is not an object-store registry; verify and gc work on the local "
-                                "registry and on s3://, file://, memory:// (fsspec) registries.")
-        return self._remote
+    def _upkeep(self, what: str) -> Any:
+        """The remote's optional ``verify(ref=None)`` / ``gc(grace_seconds=, dry_run=)`` method."""
+        fn = getattr(self._remote, what, None)
+        if fn is None:
+            raise RegistryError(f"{self.url} does not support {what}; it works on the local registry and on "
+                                "s3://, file://, memory:// (fsspec) registries.")
+        return fn
 
     # ------------------------------------------------------------------------------------------ bases
     def register_base(self, path: str | os.PathLike[str]) -> str:

@@ -63,6 +63,10 @@ class Remote(Protocol):
         """
         ...
 
+    # Optional, found with getattr by Registry.verify / Registry.gc:
+    #   verify(ref=None) -> list[str]          problems found (empty = OK), re-hashing what is stored
+    #   gc(*, grace_seconds, dry_run) -> GcReport
+
 
 def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""

@@ -27,12 +27,11 @@ from deltahub.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from deltahub.registry import backends
 from deltahub.registry.backends import CHUNK, Backend, LocalBackend, backoff, tmp_file
 from deltahub.registry.refs import (
-    GcReport, RefEntry, RefInfo, check_name, entry_bytes, intent_path, is_hex_id, is_valid_name, looks_like_id,
-    newest, parse_intent_path, parse_ref_path, ref_info, split_name_tag, summary,
+    GcReport, RefEntry, RefInfo, check_name, entry_bytes, intent_path, looks_like_id, newest, parse_ref_path,
+    ref_info, split_name_tag, summary,
 )
 
 MAX_ENTRY_BYTES = 64 << 10
-MAX_MARK_ROUNDS = 3
 
 
 def blob_rel(hex_: str) -> str:
@@ -196,15 +195,21 @@ class Store:
         return True
 
     # ---------------------------------------------------------------------------------------- refs
-    def entries(self) -> list[RefEntry]:
-        """Every valid ref entry; invalid (possibly hostile) names are skipped and noted in ``problems``."""
-        out, self.problems = [], []
-        for rel in sorted(self.backend.walk("refs")):
-            e = parse_ref_path(rel)
+    def entries(self, name: str | None = None, tag: str | None = None) -> list[RefEntry]:
+        """Every valid ref entry (or those of ``name:tag``, one listing of that folder only).
+
+        Invalid (possibly hostile) names are skipped; a full listing notes them in ``problems``.
+        """
+        prefix = f"refs/{check_name(name)}/{check_name(tag, 'tag')}" if name is not None and tag is not None else "refs"
+        out, problems = [], []
+        for rel in sorted(self.backend.walk(prefix)):
+            e = parse_ref_path(rel) if rel.startswith(prefix + "/") else None
             if e is None:
-                self.problems.append(f"{rel!r}: not a valid ref entry (ignored); remove it from {self.url}")
+                problems.append(f"{rel!r}: not a valid ref entry (ignored); remove it from {self.url}")
             else:
                 out.append(e)
+        if prefix == "refs":
+            self.problems = problems
         return out
 
     def read_entry(self, e: RefEntry) -> bytes | None:
@@ -219,7 +224,7 @@ class Store:
 
     def write_ref(self, name: str, tag: str, id_: str, info: dict[str, Any]) -> RefEntry:
         """Point ``name:tag`` at ``id_`` with a new create-only entry (none if it already points there)."""
-        cur = newest([e for e in self.entries() if e.name == name and e.tag == tag]).get((name, tag))
+        cur = newest(self.entries(name, tag)).get((name, tag))
         if cur is not None and cur.id == id_:
             return cur
         ns = max(self.now_ns(), cur.time_ns + 1 if cur else 0)  # our own move always sorts after what we saw
@@ -234,7 +239,6 @@ class Store:
             UnsafePathError, RegistryError: a bad name; an ambiguous id prefix.
             ArtifactNotFoundError: nothing matches.
         """
-        entries = self.entries()
         if not ref.startswith("sha256:"):
             try:
                 name, tag = split_name_tag(ref)
@@ -242,12 +246,12 @@ class Store:
                 if not looks_like_id(ref):
                     raise
             else:
-                hit = newest([e for e in entries if e.name == name and e.tag == tag]).get((name, tag))
+                hit = newest(self.entries(name, tag)).get((name, tag))
                 if hit is not None:
                     return hit.id, hit
         prefix = looks_like_id(ref)
         if prefix:
-            ids = sorted({e.id for e in entries} | set(extra_ids))
+            ids = sorted({e.id for e in self.entries()} | set(extra_ids))
             found = [i for i in ids if i.startswith(prefix)]
             if len(found) > 1:
                 raise RegistryError(f"Id prefix {prefix!r} matches {len(found)} artifacts; give more digits.")
@@ -301,119 +305,18 @@ class Store:
         except (DeltaHubError, OSError):
             pass  # an old intent is only a hint; gc removes it after the grace period
 
-    # ---------------------------------------------------------------------------------------- verify
+    # ---------------------------------------------------------------------------------------- upkeep
     def verify(self, ref: str | None = None, extra_ids: Iterable[str] = ()) -> list[str]:
-        """Problems found (empty = OK): bad ref names, unreadable manifests, missing/short/corrupt blobs.
+        """Problems found (empty = OK); see :func:`deltahub.registry.maintenance.verify`."""
+        from deltahub.registry.maintenance import verify
 
-        With ``ref``, only that artifact's blobs are re-hashed; without, every blob in the store is.
-        """
-        entries = self.entries()
-        problems = list(self.problems)
-        ids = {self.lookup(ref, extra_ids)[0]} if ref else {e.id for e in entries} | set(extra_ids)
-        needed: dict[str, int] = {}
-        done: set[str] = set()  # manifest blobs already checked by read_manifest
-        for id_ in sorted(ids):
-            try:
-                raw, m = self.read_manifest(id_)
-            except DeltaHubError as exc:
-                problems.append(f"artifact {id_[:12]}: {exc}")
-                done.add(id_)
-                continue
-            done.add(id_)
-            needed.update({f.sha256: f.size for f in m.files})
-        stored = self.backend.walk("blobs/sha256")
-        for h, size in sorted(needed.items()):
-            info = stored.get(blob_rel(h))
-            if info is None:
-                problems.append(f"{blob_rel(h)}: missing; push or pull the artifact again")
-            elif info.size != size:
-                problems.append(f"{blob_rel(h)}: {info.size} bytes, expected {size} (truncated); push or pull again")
-                done.add(h)
-        scope = sorted(stored) if ref is None else [blob_rel(h) for h in needed if blob_rel(h) in stored]
-        for rel in scope:
-            h = rel.rsplit("/", 1)[-1]
-            if not is_hex_id(h):
-                problems.append(f"{rel!r}: not a blob name (ignored); remove it")
-            elif h not in done and self.hash_blob(h)[1] != h:
-                problems.append(f"{rel}: sha256 mismatch (corrupted); push or pull the artifact again")
-        return problems
+        return verify(self, ref, extra_ids)
 
-    # ---------------------------------------------------------------------------------------- gc
     def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False, extra_roots: Iterable[str] = ()) -> GcReport:
-        """Delete blobs no ref or young intent needs and that are older than ``grace_seconds``.
+        """Delete what no ref needs; see :func:`deltahub.registry.maintenance.gc`."""
+        from deltahub.registry.maintenance import gc
 
-        Also drops superseded ref entries, old intents and temp debris past the grace period. If any kept
-        ref's manifest cannot be read, no blob is deleted (a ref might still need it).
-        """
-        report = GcReport(dry_run=dry_run)
-        with self.backend.lock("gc"):
-            cutoff = self.clock() - grace_seconds
-            blobs = self.backend.walk("blobs/sha256")  # listed first: a blob stored after this is never a candidate
-            keep, stale, old_intents = self._mark_stable(cutoff, extra_roots, report)
-            for rel, info in sorted(blobs.items()):
-                if rel.rsplit("/", 1)[-1] in keep:
-                    report.kept_blobs += 1
-                elif info.mtime is None or info.mtime >= cutoff or report.problems:
-                    report.spared_young += 1
-                else:
-                    now = self.backend.info(rel)  # re-check: a push may have refreshed it since the listing
-                    if now is not None and (now.mtime is None or now.mtime >= cutoff):
-                        report.spared_young += 1
-                        continue
-                    report.deleted_blobs.append(rel)
-                    report.freed_bytes += info.size
-                    if not dry_run:
-                        self.backend.delete(rel)
-            report.deleted_refs = [e.path for e in stale]
-            debris = [r for r, i in self.backend.walk("tmp").items()  # top level only: folders are in use by their owner
-                      if r.count("/") == 1 and i.mtime is not None and i.mtime < cutoff]
-            report.deleted_other = old_intents + debris
-            if not dry_run:
-                for rel in report.deleted_refs + report.deleted_other:
-                    self.backend.delete(rel)
-        return report
-
-    def _mark_stable(self, cutoff: float, extra: Iterable[str], report: GcReport) -> tuple[set[str], list[RefEntry], list[str]]:
-        """Mark until two listings of refs and intents agree (a push landing mid-mark is then seen)."""
-        seen = None
-        for _ in range(MAX_MARK_ROUNDS):
-            entries = self.entries()
-            intents = self.backend.walk("intents")
-            snapshot = (frozenset(e.path for e in entries), frozenset(intents))
-            if snapshot == seen:
-                break
-            seen = snapshot
-            report.problems = []
-            keep, stale, old_intents = self._mark(entries, intents, cutoff, extra, report)
-        else:
-            report.problems.append("refs kept changing during gc (pushes in flight); no blob was deleted, run gc later")
-        return keep, stale, old_intents
-
-    def _mark(self, entries: list[RefEntry], intents: dict[str, Any], cutoff: float, extra: Iterable[str],
-              report: GcReport) -> tuple[set[str], list[RefEntry], list[str]]:
-        best = set(newest(entries).values())
-        live = [e for e in entries if e in best or e.time_ns / 1e9 >= cutoff]
-        stale = [e for e in entries if e not in best and e.time_ns / 1e9 < cutoff]
-        keep = {e.id for e in live} | set(extra)
-        old_intents = []
-        for rel, info in intents.items():
-            born = parse_intent_path(rel)
-            if (born / 1e9 if born is not None else (info.mtime or 0)) < cutoff:
-                old_intents.append(rel)
-                continue
-            try:
-                body = json.loads(self.backend.read(rel, MAX_MANIFEST_BYTES))
-                keep |= {h for h in body.get("blobs", []) if is_hex_id(h)}
-            except (ValueError, AttributeError, FileNotFoundError, DeltaHubError):
-                pass  # unreadable or already removed by its pusher: it protects nothing more
-        for id_ in sorted({e.id for e in live} | set(extra)):
-            try:
-                keep |= {f.sha256 for f in self.read_manifest(id_)[1].files}
-            except ArtifactNotFoundError:
-                continue  # a dangling ref needs nothing that exists
-            except DeltaHubError as exc:
-                report.problems.append(f"artifact {id_[:12]}: {exc}")
-        return keep, stale, old_intents
+        return gc(self, grace_seconds=grace_seconds, dry_run=dry_run, extra_roots=extra_roots)
 
 
 def _sha_file(path: Path) -> str:
