@@ -495,3 +495,44 @@ def test_pull_with_hub_base(arts, mem_url, tmp_path, monkeypatch):
     assert seen["repo_id"] == "org/base" and seen["revision"] == "abc123"
     assert "*.safetensors" in seen["allow_patterns"] and not any("bin" in p for p in seen["allow_patterns"])
     assert Registry().find_base(art.manifest.base) == snap
+
+
+def test_gc_sees_a_push_that_lands_while_it_marks(arts, monkeypatch):
+    """A push whose intent appears after gc's first listing is seen by the second one: its blob stays."""
+    from deltahub.registry import maintenance
+
+    now = [time.time()]
+    reg = Registry(clock=lambda: now[0])
+    data = b"reused by a push that starts mid-gc"
+    h = hashlib.sha256(data).hexdigest()
+    reg.local.backend.put_bytes(f"blobs/sha256/{h}", data, create_only=False)
+    now[0] += 2 * DAY
+    real, calls = maintenance._mark, []
+
+    def racing_mark(store, *a, **k):
+        if not calls:
+            store.begin_intent([h])  # the push starts right after gc listed refs and intents
+        calls.append(1)
+        return real(store, *a, **k)
+
+    monkeypatch.setattr(maintenance, "_mark", racing_mark)
+    report = reg.gc()
+    assert len(calls) == 2 and report.deleted_blobs == [] and blob_path(local_root(), h).exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_push_restores_a_blob_deleted_by_a_racing_gc(arts, monkeypatch, kind, mem_url):
+    reg = Registry() if kind == "local" else Registry(mem_url)
+    store = reg.local.store if kind == "local" else reg._remote.store
+    reg.push(arts["a"])
+    payload = arts["a"].manifest.files[0].sha256
+    real = type(store).write_ref
+
+    def gc_strikes_first(self, *a, **k):
+        self.backend.delete(f"blobs/sha256/{payload}")  # deleted after our existence check, before our ref
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(store), "write_ref", gc_strikes_first)
+        reg.push(arts["a"], tag="again")
+    assert store.has_blob(payload, arts["a"].manifest.files[0].size) and reg.verify() == []
