@@ -28,6 +28,29 @@ LIBRARY_NAME = "deltahub"
 REQUIRED_KEYS = ("library_name", "tags", "deltahub")
 REQUIRED_DELTAHUB_KEYS = ("id", "name", "kind", "codec", "bits_per_param", "ratio_vs_fp16", "rel_error", "base_fingerprint")
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
+def codec_reference(name: str) -> tuple[str, str | None]:
+    """(display name, paper URL) of a codec: from its installed plugin, else from the built-in table."""
+    try:
+        from deltahub.codecs import get_codec
+
+        cls = get_codec(name)
+        pretty, url = getattr(cls, "pretty_name", "") or name, getattr(cls, "reference_url", None)
+    except Exception:  # noqa: BLE001 - a card of an artifact whose codec is not installed still renders
+        pretty, url = PAPERS.get(name, (name, None))
+    if url is None and name in PAPERS:
+        url = PAPERS[name][1]
+    return pretty, url
+
+
+def codecs_used(manifest: Manifest) -> dict[str, int]:
+    """Tensors per codec actually used (what ``auto`` chose counts as the chosen codec), most used first."""
+    counts: dict[str, int] = {}
+    for t in manifest.tensors:
+        name = t.meta.get("auto.codec") or t.codec
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -87,7 +110,8 @@ def card_data(manifest: Manifest, *, repo_id: str | None = None) -> dict[str, An
     """The YAML metadata of the card, as a plain dict (the keyword arguments of ``ModelCardData``)."""
     s = manifest.stats
     codec = str(s.get("codec") or "dense")
-    tags = ["deltahub", codec, "task-delta" if manifest.kind == "delta" else manifest.kind]
+    chosen = [c for c in codecs_used(manifest) if c != "dense"]  # e.g. what `auto` picked; dense biases are no news
+    tags = ["deltahub", codec, *chosen, "task-delta" if manifest.kind == "delta" else manifest.kind]
     data: dict[str, Any] = {"library_name": LIBRARY_NAME, "tags": list(dict.fromkeys(tags))}
     if (base := hub_base(manifest)) is not None:
         data["base_model"] = base
@@ -129,8 +153,13 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, revision: str
     data = card_data(manifest, repo_id=repo_id)
     meta = data["deltahub"]
     codec = meta["codec"]
-    paper, url = PAPERS.get(codec, (codec, None))
+    paper, url = codec_reference(codec)
     codec_line = f"[{paper}]({url})" if url else paper
+    used = []
+    for name, n in codecs_used(manifest).items():
+        pretty, link = codec_reference(name)
+        used.append(f"`{name}` ×{n}" + (f" ([paper]({link}))" if link else ""))
+    used_line = ", ".join(used) or "none"
     name = manifest.name
     base = hub_base(manifest)
     base_rev = manifest.base.location.get("revision") if base else None
@@ -172,6 +201,7 @@ A fine-tuned model stored as a compressed task delta against its base with
 | | |
 |---|---|
 | codec | `{codec}` — {codec_line} |
+| tensors per codec | {used_line} |
 | codec options | `{options}` |
 | bits per parameter | {_fmt(s.get('bits_per_param'))} |
 | ratio vs dense fp16 delta | {_fmt(s.get('ratio_vs_fp16'), suffix='×')} |

@@ -59,7 +59,8 @@ def test_card_figures_paper_and_commands(arts):
     assert data["base_model"] == "org/base-model" and data["base_model_relation"] == "finetune"
     assert data["deltahub"]["fidelity"] == {"accuracy": 0.9125, "agreement.top1": 0.97}
     assert data["deltahub"]["repo"] == "team/expert"
-    for shown in ("[ComPEFT](https://arxiv.org/abs/2311.13171)", f"| bits per parameter | {s['bits_per_param']:.4g} |",
+    for shown in ("[ComPEFT (sparse ternary)](https://arxiv.org/abs/2311.13171)", "| tensors per codec | `compeft` ×2 (",
+                  f"| bits per parameter | {s['bits_per_param']:.4g} |",
                   f"| ratio vs dense fp16 delta | {s['ratio_vs_fp16']:.4g}× |",
                   f"| relative reconstruction error | {s['rel_error']:.4g} |",
                   "| fidelity | accuracy: 0.9125, agreement.top1: 0.97 |", f"`{m.base.fingerprint}`",
@@ -68,6 +69,20 @@ def test_card_figures_paper_and_commands(arts):
                   'deltahub.apply(art, "BASE_MODEL_DIR", out="merged/")'):
         assert shown in card.text, shown
     assert "| fidelity |" not in render_card(m)  # only when measured
+
+
+def test_card_of_auto_names_the_chosen_codecs(arts, tmp_path):
+    from deltahub.card import codecs_used
+
+    base, ft = pico_pair(tmp_path / "pair")
+    art = deltahub.compress(ft, base=base, codec="auto", out=tmp_path / "auto", max_error=0.3)
+    used = codecs_used(art.manifest)
+    assert "auto" not in used and sum(used.values()) == len(art.manifest.tensors)
+    text = render_card(art.manifest)
+    assert check_card(text) == []
+    tags = ModelCard(text).data.to_dict()["tags"]
+    assert tags[:2] == ["deltahub", "auto"] and set(used) - {"dense"} <= set(tags)
+    assert all(f"`{name}` ×{n}" in text for name, n in used.items())
 
 
 def test_base_model_only_for_hub_locations(arts):
