@@ -352,7 +352,7 @@ class FsspecBackend(Backend):
         return data
 
     def open(self, rel: str) -> IO[bytes]:
-        return self.call(f"open {rel}", lambda: self.fs.open(self._p(rel), "rb"))
+        return self.fs.open(self._p(rel), "rb")  # callers wrap open + read in one call() (one retry loop)
 
     def download(self, rel: str, dst: Path, callback: Any = None) -> None:
         kw = {"callback": callback} if callback is not None else {}
