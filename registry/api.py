@@ -71,7 +71,9 @@ class Registry:
         art = self._source(src)
         name = check_name(name or art.manifest.name)
         recorded = art.manifest.provenance.get("tag")
-        tag = check_name(tag or (recorded if isinstance(recorded, str) and is_valid_name(recorded) else DEFAULT_TAG), "tag")
+        if tag is None:
+            tag = recorded if isinstance(recorded, str) and is_valid_name(recorded) else DEFAULT_TAG
+        tag = check_name(tag, "tag")
         if self._remote is None:
             return self.local.add(art, name, tag)
         return self._remote.push_artifact(art, name=name, tag=tag)

@@ -24,7 +24,8 @@ from typing import IO, Any, NamedTuple, TypeVar
 
 from deltahub.errors import AuthError, DeltaHubError, IntegrityError, RegistryError, RemoteError
 
-ENV_NO_LOCKS = "DELTAHUB_NO_LOCKS"  # "1": skip file locks (they only save duplicate work; correctness never needs them)
+# "1": skip file locks (they only save duplicate work; correctness never depends on them)
+ENV_NO_LOCKS = "DELTAHUB_NO_LOCKS"
 ATTEMPTS = 4
 BACKOFF = 0.2  # seconds before the 2nd try; doubles each time (tests lower it)
 CHUNK = 8 << 20
@@ -38,7 +39,8 @@ _TRANSIENT_NAMES = {"ClientPayloadError", "ServerDisconnectedError", "ClientOSEr
                     "FlexibleChecksumError", "ReadTimeoutError", "ConnectionClosedError", "IncompleteReadError",
                     "ResponseStreamingError", "ProtocolError", "ContentLengthError"}
 _EXTRAS = {"s3": "pip install 'deltahub[s3]'", "s3a": "pip install 'deltahub[s3]'", "gs": "pip install gcsfs",
-           "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs", "abfss": "pip install adlfs"}
+           "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs",
+           "abfss": "pip install adlfs"}
 _BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
@@ -48,7 +50,8 @@ class FileInfo(NamedTuple):
 
 
 def backoff(attempt: int) -> None:
-    time.sleep(BACKOFF * (2 ** attempt) * (0.5 + random.random()))  # jitter: concurrent clients do not retry in lockstep
+    # jitter: concurrent clients do not retry in lockstep
+    time.sleep(BACKOFF * (2 ** attempt) * (0.5 + random.random()))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -62,6 +65,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
         return True
     return any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionRefusedError) or any(c.__name__ in _UNREACHABLE_NAMES for c in type(exc).__mro__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -148,7 +155,8 @@ class LocalBackend(Backend):
         with open(self.path(rel), "rb") as f:
             data = f.read(max_size + 1)
         if len(data) > max_size:
-            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); the registry is damaged.")
+            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); "
+                                 "the registry is damaged.")
         return data
 
     def open(self, rel: str) -> IO[bytes]:
@@ -267,7 +275,8 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
         fix = _EXTRAS.get(scheme, f"install the fsspec backend for {scheme}://")
         raise RegistryError(f"{scheme}:// registries need an extra package: {fix}.") from None
     except ValueError as exc:
-        raise RegistryError(f"Cannot open registry {url!r} ({exc}); use a URL like s3://bucket/prefix or file:///path.") from None
+        raise RegistryError(f"Cannot open registry {url!r} ({exc}); "
+                            "use a URL like s3://bucket/prefix or file:///path.") from None
     return fs, root.rstrip("/")
 
 
@@ -297,11 +306,13 @@ class FsspecBackend(Backend):
             except (FileNotFoundError, FileExistsError, DeltaHubError):
                 raise
             except PermissionError as exc:
-                raise AuthError(f"{self.url} refused {what} ({exc}); check your credentials and the bucket's permissions.") from None
+                raise AuthError(f"{self.url} refused {what} ({exc}); "
+                                "check your credentials and the bucket's permissions.") from None
             except Exception as exc:  # noqa: BLE001 - fsspec backends raise anything; classify, then wrap
                 if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-                    raise AuthError(f"No credentials for {self.url}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE.") from None
-                if any(c.__name__ in _UNREACHABLE_NAMES for c in type(exc).__mro__) or isinstance(exc, ConnectionRefusedError):
+                    raise AuthError(f"No credentials for {self.url}; "
+                                    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE.") from None
+                if _unreachable(exc):
                     raise RemoteError(f"Cannot connect to {self.url} ({str(exc)[:200]}); check the endpoint "
                                       "(AWS_ENDPOINT_URL), your network, and retry.") from None
                 if not is_transient(exc) or attempt == tries - 1:
@@ -348,7 +359,8 @@ class FsspecBackend(Backend):
     def read(self, rel: str, max_size: int) -> bytes:
         data = self.call(f"read {rel}", lambda: self.fs.cat_file(self._p(rel)))
         if len(data) > max_size:
-            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); the registry is damaged.")
+            raise IntegrityError(f"{rel} in {self.url} is larger than expected ({max_size} bytes); "
+                                 "the registry is damaged.")
         return data
 
     def open(self, rel: str) -> IO[bytes]:

@@ -30,7 +30,8 @@ def _rel(fingerprint: str) -> str:
 
 
 def _write(backend: LocalBackend, record: dict[str, Any]) -> None:
-    backend.put_bytes(_rel(record["fingerprint"]), (json.dumps(record, sort_keys=True) + "\n").encode(), create_only=False)
+    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    backend.put_bytes(_rel(record["fingerprint"]), data, create_only=False)
 
 
 def _read(backend: LocalBackend, rel: str) -> dict[str, Any] | None:
@@ -113,7 +114,8 @@ def find_base(backend: LocalBackend, base_info: BaseInfo) -> Path | None:
         except (BaseMismatchError, CheckpointError):
             continue  # moved, edited or replaced since it was recorded
         if not filed and is_hex_id(base_info.fingerprint):
-            _write(backend, {"fingerprint": base_info.fingerprint, "path": str(Path(path).resolve()), "name": base_info.name})
+            _write(backend, {"fingerprint": base_info.fingerprint, "path": str(Path(path).resolve()),
+                             "name": base_info.name})
         return Path(path)
     return None
 
@@ -147,8 +149,8 @@ def fetch_base(backend: LocalBackend, base_info: BaseInfo) -> Path:
     if loc.get("type") == "path" and loc.get("path"):
         p = Path(loc["path"])
         if not p.exists():
-            raise BaseNotFoundError(f"The base was recorded at {p}, which does not exist here; copy it there, or "
-                                    "register it with `deltahub.Registry().register_base(PATH)` and apply with --base.")
+            raise BaseNotFoundError(f"The base was recorded at {p}, which does not exist here; copy it there, "
+                                    "or register it with `deltahub.Registry().register_base(PATH)`.")
         register_base(backend, p, base_info)
         return p
     if loc.get("type") == "hub" and loc.get("repo"):
@@ -175,4 +177,5 @@ def _download_hub(repo: str, revision: str | None) -> Path:
                     "LocalEntryNotFoundError", "GatedRepoError", "OfflineModeIsEnabled"):
             raise BaseNotFoundError(f"Cannot download base {where} from the Hub ({kind}); check the repo, your "
                                     "token (HF_TOKEN) and HF_HUB_OFFLINE, or pass --base.") from None
-        raise RemoteError(f"Downloading base {where} from the Hub failed ({kind}: {str(exc)[:200]}); retry later.") from None
+        raise RemoteError(f"Downloading base {where} from the Hub failed ({kind}: {str(exc)[:200]}); "
+                          "retry later.") from None

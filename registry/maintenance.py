@@ -54,11 +54,18 @@ def verify(store: Store, ref: str | None = None, extra_ids: Iterable[str] = ()) 
         h = rel.rsplit("/", 1)[-1]
         if not is_hex_id(h):
             problems.append(f"{rel!r}: not a blob name (ignored); remove it")
-        elif h not in done and store.hash_blob(h)[1] != h:
-            problems.append(f"{rel}: sha256 mismatch (corrupted); push or pull the artifact again")
+        elif h not in done:
+            try:
+                if store.hash_blob(h)[1] != h:
+                    problems.append(f"{rel}: sha256 mismatch (corrupted); push or pull the artifact again")
+            except FileNotFoundError:
+                if h in needed:
+                    problems.append(f"{rel}: missing; push or pull the artifact again")
     return problems
 
-def gc(store: Store, *, grace_seconds: float = 86400, dry_run: bool = False, extra_roots: Iterable[str] = ()) -> GcReport:
+
+def gc(store: Store, *, grace_seconds: float = 86400, dry_run: bool = False,
+       extra_roots: Iterable[str] = ()) -> GcReport:
     """Delete blobs no ref or young intent needs and that are older than ``grace_seconds``.
 
     Also drops superseded ref entries, old intents and temp debris past the grace period. If any kept
@@ -92,7 +99,9 @@ def gc(store: Store, *, grace_seconds: float = 86400, dry_run: bool = False, ext
                 store.backend.delete(rel)
     return report
 
-def _mark_stable(store: Store, cutoff: float, extra: Iterable[str], report: GcReport) -> tuple[set[str], list[RefEntry], list[str]]:
+
+def _mark_stable(store: Store, cutoff: float, extra: Iterable[str],
+                 report: GcReport) -> tuple[set[str], list[RefEntry], list[str]]:
     """Mark until two listings of refs and intents agree (a push landing mid-mark is then seen)."""
     seen = None
     for _ in range(MAX_MARK_ROUNDS):
@@ -107,6 +116,7 @@ def _mark_stable(store: Store, cutoff: float, extra: Iterable[str], report: GcRe
     else:
         report.problems.append("refs kept changing during gc (pushes in flight); no blob was deleted, run gc later")
     return keep, stale, old_intents
+
 
 def _mark(store: Store, entries: list[RefEntry], intents: dict[str, Any], cutoff: float, extra: Iterable[str],
           report: GcReport) -> tuple[set[str], list[RefEntry], list[str]]:

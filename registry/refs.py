@@ -34,10 +34,11 @@ def check_name(value: str, what: str = "name") -> str:
     if not isinstance(value, str) or not value:
         raise RegistryError(f"An artifact {what} must not be empty; use letters, digits, '.', '_' or '-'.")
     if "/" in value or "\\" in value or ".." in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise UnsafePathError(f"Refusing {what} {value!r}: it could escape the registry folder. Use letters, digits, '.', '_', '-'.")
+        raise UnsafePathError(f"Refusing {what} {value!r}: it could escape the registry folder. "
+                              "Use letters, digits, '.', '_', '-'.")
     if len(value) > MAX_NAME or not _NAME.match(value):
-        raise RegistryError(f"Invalid {what} {value[:MAX_NAME]!r}: use at most {MAX_NAME} letters, digits, '.', '_' or '-', "
-                            "starting with a letter or digit (e.g. --name my-expert).")
+        raise RegistryError(f"Invalid {what} {value[:MAX_NAME]!r}: use at most {MAX_NAME} letters, digits, '.', '_' "
+                            "or '-', starting with a letter or digit (e.g. --name my-expert).")
     return value
 
 
@@ -196,5 +197,6 @@ class GcReport:
 
     def __str__(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
-        return (f"gc {verb} {len(self.deleted_blobs)} blobs ({self.freed_bytes} bytes), {len(self.deleted_refs)} old ref "
-                f"entries, {len(self.deleted_other)} other; kept {self.kept_blobs} blobs, spared {self.spared_young} young")
+        return (f"gc {verb} {len(self.deleted_blobs)} blobs ({self.freed_bytes} bytes), "
+                f"{len(self.deleted_refs)} old ref entries, {len(self.deleted_other)} other; "
+                f"kept {self.kept_blobs} blobs, spared {self.spared_young} young")

@@ -87,7 +87,10 @@ class Store:
         info = self.backend.info(blob_rel(hex_))
         if info is None or info.size != size:
             return False
-        return not deep or self.hash_blob(hex_) == (size, hex_)
+        try:
+            return not deep or self.hash_blob(hex_) == (size, hex_)
+        except FileNotFoundError:
+            return False  # deleted (by a concurrent gc) since we looked
 
     def hash_blob(self, hex_: str) -> tuple[int, str]:
         """(size, sha256) of a stored blob, streamed; a remote mismatch is re-read before it is believed."""
@@ -121,7 +124,8 @@ class Store:
             with b.lock(f"blob-{hex_[:16]}"), tmp_file(b) as tmp:
                 got = _copy_hashing(src, tmp, callback)
                 if got != (size, hex_):
-                    raise IntegrityError(f"{src} changed while it was being stored (sha256 mismatch); verify the artifact and push again.")
+                    raise IntegrityError(f"{src} changed while it was being stored (sha256 mismatch); "
+                                         "verify the artifact and push again.")
                 b.install(tmp, rel)
             return True
         if not b.upload(rel, src, create_only=True, callback=callback):
@@ -141,8 +145,9 @@ class Store:
         for attempt in range(tries):
             info = self.backend.info(rel)
             if info is None:
-                raise ArtifactNotFoundError(f"Blob {hex_[:12]} is missing from {self.url}: the registry is damaged. "
-                                            f"Run `deltahub verify --registry {self.url}` and push the artifact again.")
+                raise ArtifactNotFoundError(
+                    f"Blob {hex_[:12]} is missing from {self.url}: the registry is damaged. "
+                    f"Run `deltahub verify --registry {self.url}` and push the artifact again.")
             if info.size != size:  # checked before downloading: a 100-byte blob must not stream 1 TB
                 last = f"it has {info.size} bytes, expected {size}"
                 break
@@ -165,23 +170,30 @@ class Store:
             ManifestError, FormatVersionError, UnsafePathError: a bad manifest.
         """
         rel = blob_rel(id_)
+        missing = ArtifactNotFoundError(f"Artifact {id_[:12]} has no manifest in {self.url}; it was deleted or never "
+                                        f"fully pushed. Run `deltahub verify --registry {self.url}`.")
         tries = 1 if self.backend.is_local else backends.ATTEMPTS
         for attempt in range(tries):
             info = self.backend.info(rel)
             if info is None:
-                raise ArtifactNotFoundError(f"Artifact {id_[:12]} has no manifest in {self.url}; it was deleted or never "
-                                            f"fully pushed. Run `deltahub verify --registry {self.url}`.")
+                raise missing
             if info.size > MAX_MANIFEST_BYTES:
-                raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is {info.size} bytes; it is not a manifest.")
-            raw = self.backend.read(rel, MAX_MANIFEST_BYTES)
+                raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is {info.size} bytes; "
+                                     "it is not a manifest.")
+            try:
+                raw = self.backend.read(rel, MAX_MANIFEST_BYTES)
+            except FileNotFoundError:
+                raise missing from None
             if hashlib.sha256(raw).hexdigest() == id_:
                 manifest = parse_manifest(raw)
                 if manifest.id != id_:
-                    raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is not in canonical form; push it again.")
+                    raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is not in canonical form; "
+                                         "push it again.")
                 return raw, manifest
             if attempt < tries - 1:
                 backoff(attempt)
-        raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is corrupted (sha256 mismatch); push the artifact again.")
+        raise IntegrityError(f"Manifest blob {id_[:12]} in {self.url} is corrupted (sha256 mismatch); "
+                             "push the artifact again.")
 
     def put_manifest(self, raw: bytes) -> bool:
         id_ = hashlib.sha256(raw).hexdigest()
@@ -200,7 +212,9 @@ class Store:
 
         Invalid (possibly hostile) names are skipped; a full listing notes them in ``problems``.
         """
-        prefix = f"refs/{check_name(name)}/{check_name(tag, 'tag')}" if name is not None and tag is not None else "refs"
+        prefix = "refs"
+        if name is not None and tag is not None:
+            prefix = f"refs/{check_name(name)}/{check_name(tag, 'tag')}"
         out, problems = [], []
         for rel in sorted(self.backend.walk(prefix)):
             e = parse_ref_path(rel) if rel.startswith(prefix + "/") else None

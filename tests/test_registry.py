@@ -81,7 +81,11 @@ def test_second_push_stores_nothing_new(arts, monkeypatch):
     reg.push(arts["a"])
     installs = []
     real = LocalBackend.install
-    monkeypatch.setattr(LocalBackend, "install", lambda self, tmp, rel, **kw: installs.append(rel) or real(self, tmp, rel, **kw))
+    def counting(self, tmp, rel, **kw):
+        installs.append(rel)
+        return real(self, tmp, rel, **kw)
+
+    monkeypatch.setattr(LocalBackend, "install", counting)
     again = reg.push(arts["a"])
     assert again.id == arts["a"].id
     assert [r for r in installs if r.startswith(("blobs/", "refs/"))] == []
@@ -334,7 +338,11 @@ def test_remote_second_push_and_pull_transfer_nothing(arts, mem_url, monkeypatch
     calls = []
     for meth in ("upload", "put_bytes", "download"):
         real = getattr(backend, meth)
-        monkeypatch.setattr(backend, meth, lambda self, rel, *a, _m=meth, _r=real, **k: calls.append((_m, rel)) or _r(self, rel, *a, **k))
+        def counting(self, rel, *a, _m=meth, _r=real, **k):
+            calls.append((_m, rel))
+            return _r(self, rel, *a, **k)
+
+        monkeypatch.setattr(backend, meth, counting)
     Registry(mem_url).push(arts["a"])
     Registry().pull(f"{mem_url}/expert")
     assert [c for c in calls if c[1].startswith(("blobs/", "refs/"))] == []  # only the push's intent record
@@ -462,8 +470,9 @@ def test_pull_with_base_missing_or_mismatched(arts, mem_url, tmp_path):
         Registry().pull(f"{mem_url}/missing", with_base=True)
     from safetensors.torch import save_file
 
-    save_file({"layer.0.weight": torch.zeros(16, 8), "layer.0.bias": torch.zeros(16), "layer.1.weight": torch.zeros(4, 16)},
-              str(tmp_path / "zeros.safetensors"))
+    zeros = {"layer.0.weight": torch.zeros(16, 8), "layer.0.bias": torch.zeros(16),
+             "layer.1.weight": torch.zeros(4, 16)}
+    save_file(zeros, str(tmp_path / "zeros.safetensors"))
     mism = _with_location(arts["a"], tmp_path, {"type": "path", "path": str(tmp_path / "zeros.safetensors")}, "m2")
     remote.push(mism, name="mismatch")
     with pytest.raises(BaseMismatchError):

@@ -86,7 +86,8 @@ def test_s3_push_ls_pull_verify_gc(server, bucket, arts, tmp_path):
     reg.push(arts["c"], tag="v1")
     assert info.url == url and {r.ref for r in reg.ls()} == {"expert:latest", "other:v1"}
     keys = {o["Key"] for o in server.client().list_objects_v2(Bucket=bucket)["Contents"]}
-    assert f"deltas/blobs/sha256/{arts['a'].id}" in keys and any(k.startswith("deltas/refs/expert/latest/") for k in keys)
+    assert f"deltas/blobs/sha256/{arts['a'].id}" in keys
+    assert any(k.startswith("deltas/refs/expert/latest/") for k in keys)
     assert not any(k.startswith("deltas/intents/") for k in keys)  # removed once the push completed
     art = reg.pull("expert", out=tmp_path / "out")
     assert art.id == arts["a"].id and Registry().resolve("expert").id == arts["a"].id
@@ -95,7 +96,8 @@ def test_s3_push_ls_pull_verify_gc(server, bucket, arts, tmp_path):
     reg.push(arts["b"])
     assert reg.gc(grace_seconds=3600).deleted_blobs == []
     report = reg.gc(grace_seconds=0)
-    assert {p.rsplit("/", 1)[-1] for p in report.deleted_blobs} == {arts["a"].id, *(f.sha256 for f in arts["a"].manifest.files)}
+    a_blobs = {arts["a"].id, *(f.sha256 for f in arts["a"].manifest.files)}
+    assert {p.rsplit("/", 1)[-1] for p in report.deleted_blobs} == a_blobs
     assert reg.verify() == [] and reg.resolve("expert").id == arts["b"].id
 
 
@@ -143,7 +145,7 @@ def test_s3_pull_through_faults_is_verified_or_typed(server, proxy, bucket, arts
 
 
 def test_s3_silent_flip_caught_by_sha256(proxy, bucket, arts, server):
-    """With botocore's response checksums off, only deltahub's own sha256 stands between a flipped byte and the registry."""
+    """Without botocore's response checksums only deltahub's sha256 stands between a flipped byte and the store."""
     s3_registry(server, bucket).push(arts["a"])
     reg = s3_registry(proxy, bucket, config_kwargs={"response_checksum_validation": "when_required"})
     payload = arts["a"].manifest.files[0].sha256

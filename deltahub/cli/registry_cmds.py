@@ -32,7 +32,8 @@ def _size(n: int | None) -> str:
 
 @click.command()
 @click.argument("src")
-@click.option("--to", "to", metavar="URL", help="Target registry (default: the local registry), e.g. s3://bucket/prefix.")
+@click.option("--to", "to", metavar="URL",
+              help="Target registry (default: the local registry), e.g. s3://bucket/prefix.")
 @click.option("--tag", help="Tag to point at the artifact (default: latest, or the tag given to compress --name).")
 @click.option("--name", help="Name to store it under (default: the artifact's name).")
 def push(src: str, to: str | None, tag: str | None, name: str | None) -> None:
@@ -103,7 +104,8 @@ def ls(url: str | None, as_json: bool) -> None:
     rows = [("NAME", "TAG", "ID", "CREATED", "SIZE", "CODEC", "BITS/PARAM")]
     for r in refs:
         bpp = "-" if r.bits_per_param is None else f"{r.bits_per_param:.3f}"
-        rows.append((r.name, r.tag, r.id[:12], r.created.strftime("%Y-%m-%d %H:%M:%S"), _size(r.size), r.codec or "-", bpp))
+        created = r.created.strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((r.name, r.tag, r.id[:12], created, _size(r.size), r.codec or "-", bpp))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
