@@ -127,14 +127,22 @@ class LocalRegistry:
 
     # ------------------------------------------------------------------------------------------ write
     def add(self, art: Any, name: str, tag: str) -> RefInfo:
-        """Store a verified artifact, point ``name:tag`` at it, and file its base if it is on disk."""
+        """Store a verified artifact, point ``name:tag`` at it, and file its base if it is on disk.
+
+        Raises:
+            UnsafePathError, RegistryError: a bad name or tag. IntegrityError: a file changed while being stored.
+        """
         info = self.store.push(art, name, tag)
         self.materialize(art.id)
         bases.auto_register(self.backend, art.manifest.base)
         return RefInfo(**{**info.__dict__, "url": ""})
 
     def import_folder(self, folder: Path, name: str, tag: str) -> Any:
-        """Verify the artifact folder (e.g. a Hub download) and add it; returns the registry's Artifact."""
+        """Verify the artifact folder (e.g. a Hub download) and add it; returns the registry's Artifact.
+
+        Raises:
+            ArtifactNotFoundError, IntegrityError, ManifestError, UnsafePathError: not a sound artifact.
+        """
         from deltahub.artifact import Artifact
 
         art = Artifact.load(folder)
