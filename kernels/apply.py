@@ -7,9 +7,8 @@ chunks of ~0.5 M elements ran 2-3x faster than whole tensors here (research/perf
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -28,7 +27,13 @@ _PM1_I64 = _PM1.to(torch.int8).view(torch.int64).reshape(256)
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """The calling thread's torch ops run single-threaded inside (the count is per thread; ~1 µs)."""
+    """The calling thread's torch ops run single-threaded inside (the count is per thread; ~1 µs).
+
+    A chunk loop is many small ops, and each op as an intra-op parallel region waits for a
+    descheduled worker whenever the cores are shared (other processes, the model's own threads): the
+    loops ran 3-20x slower with 2 torch threads than with 1 on the loaded 2-core VM. Handing blocks to
+    2 single-threaded Python threads instead was no faster than 1 thread there, loaded or not.
+    """
     n = torch.get_num_threads()
     if n > 1:
         torch.set_num_threads(1)
@@ -37,46 +42,6 @@ def _one_thread() -> Iterator[None]:
     finally:
         if n > 1:
             torch.set_num_threads(n)
-
-
-def _run_blocks(worker: Callable[[], Callable[[int, int], None]], n: int, step: int) -> None:
-    """Run ``block(lo, hi)`` over [0, n) in blocks of ``step``, each thread with its own ``worker()``.
-
-    A chunk loop is many small ops, and each op as an intra-op parallel region waits for a
-    descheduled worker whenever the cores are shared (other processes, the model's own threads): the
-    loops ran 3-20x slower with 2 torch threads than with 1 on the loaded 2-core VM. So every thread
-    here runs its ops with one torch thread, and blocks are handed out one at a time, so a descheduled
-    thread delays only the block it holds. Up to ``torch.get_num_threads()`` threads (the caller is
-    one of them), and only with at least 2 blocks per thread.
-    """
-    blocks = iter(range(0, n, step))
-    threads = min(torch.get_num_threads(), -(-n // step) // 2) if step > 0 else 1
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # thread-local, as the count
-
-    def loop() -> None:
-        # inference_mode(False) would switch grad mode on: enter it only when the caller is in it
-        with _one_thread(), torch.inference_mode() if inference else nullcontext(), torch.set_grad_enabled(grad):
-            try:
-                block = worker()
-                while not errors:
-                    with lock:
-                        lo = next(blocks, None)
-                    if lo is None:
-                        return
-                    block(lo, min(n, lo + step))
-            except BaseException as e:  # re-raised in the caller
-                errors.append(e)
-
-    helpers = [threading.Thread(target=loop, name="deltahub-apply", daemon=True) for _ in range(threads - 1)]
-    for t in helpers:
-        t.start()
-    loop()
-    for t in helpers:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _compute_dtype(delta_dtype: torch.dtype) -> torch.dtype:
@@ -160,16 +125,15 @@ def _apply_sparse(weight: torch.Tensor, flat: torch.Tensor, res: SparseCOO, alph
     # In blocks of NNZ_CHUNK entries through preallocated buffers: whole-nnz temporaries (the scaled
     # values, the gathered weights) cost more in page faults than the arithmetic (research/perf.md §4.1).
     idx, values, nnz = res.indices, res.values, res.indices.numel()
-
-    def worker() -> Callable[[int, int], None]:
-        n = min(NNZ_CHUNK, nnz)
-        vals = torch.empty(n, dtype=torch.float32, device=flat.device)
-        gathered = None if flat.dtype == torch.float32 else torch.empty(n, dtype=flat.dtype, device=flat.device)
-        wide = None if gathered is None else torch.empty(n, dtype=torch.float32, device=flat.device)
-        long_idx = None if gathered is None or idx.dtype == torch.int64 else torch.empty(n, dtype=torch.int64,
-                                                                                          device=flat.device)
-
-        def block(a: int, b: int) -> None:
+    n = min(NNZ_CHUNK, nnz)
+    vals = torch.empty(n, dtype=torch.float32, device=flat.device)
+    gathered = None if flat.dtype == torch.float32 else torch.empty(n, dtype=flat.dtype, device=flat.device)
+    wide = None if gathered is None else torch.empty(n, dtype=torch.float32, device=flat.device)
+    long_idx = None if gathered is None or idx.dtype == torch.int64 else torch.empty(n, dtype=torch.int64,
+                                                                                      device=flat.device)
+    with _one_thread():
+        for a in range(0, nnz, NNZ_CHUNK):
+            b = min(nnz, a + NNZ_CHUNK)
             m = b - a
             i = idx[a:b]
             v = vals[:m]
@@ -179,7 +143,7 @@ def _apply_sparse(weight: torch.Tensor, flat: torch.Tensor, res: SparseCOO, alph
                 v.mul_(alpha)
             if gathered is None or wide is None:
                 flat.index_add_(0, i, v)  # unique indices: each element w + v, rounded once
-                return
+                continue
             if long_idx is not None:  # index_copy_ takes int64 only
                 i = long_idx[:m]
                 i.copy_(idx[a:b])
@@ -189,10 +153,6 @@ def _apply_sparse(weight: torch.Tensor, flat: torch.Tensor, res: SparseCOO, alph
             f.add_(v)
             g.copy_(f)
             flat.index_copy_(0, i, g)
-
-        return block
-
-    _run_blocks(worker, nnz, NNZ_CHUNK)
     return weight
 
 
@@ -212,16 +172,14 @@ def _apply_signbits(weight: torch.Tensor, res: SignBits, alpha: float) -> torch.
     if plain and alpha != 1.0:
         scale = alpha * scale
     lut = _PM1_I64.to(weight.device)
-
-    def worker() -> Callable[[int, int], None]:
-        n = min(step, rows)
-        idx = torch.empty(n * nb, dtype=torch.int32, device=weight.device)
-        packed = torch.empty(n * nb, dtype=torch.int64, device=weight.device)
-        signs = torch.empty(n, nb * 8, dtype=torch.float32, device=weight.device)
-        wide = None if weight.dtype == torch.float32 else torch.empty(n, cols, dtype=torch.float32,
-                                                                      device=weight.device)
-
-        def block(r0: int, r1: int) -> None:
+    n = min(step, rows)
+    idx = torch.empty(n * nb, dtype=torch.int32, device=weight.device)
+    packed = torch.empty(n * nb, dtype=torch.int64, device=weight.device)
+    signs = torch.empty(n, nb * 8, dtype=torch.float32, device=weight.device)
+    wide = None if weight.dtype == torch.float32 else torch.empty(n, cols, dtype=torch.float32, device=weight.device)
+    with _one_thread():
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
             m = r1 - r0
             i, p = idx[:m * nb], packed[:m * nb]
             i.copy_(bits[r0:r1].reshape(-1))
@@ -242,8 +200,4 @@ def _apply_signbits(weight: torch.Tensor, res: SignBits, alpha: float) -> torch.
                 acc.add_(d)
             if wide is not None:
                 w.copy_(acc)
-
-        return block
-
-    _run_blocks(worker, rows, step)
     return weight
