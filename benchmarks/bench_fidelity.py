@@ -11,8 +11,8 @@ The task is ``examples/polarity_task.py``: all-MiniLM-L6-v2 (22.7 M parameters) 
    test accuracy of the base (zero-shot, embedding-prototype classifier), of the uncompressed fine-tune
    (the "expert"), and of the base encoder with only the fine-tuned classifier head (the delta dropped);
 2. compresses the fine-tune against the base with every codec at a few settings (``deltahub.compress``),
-   applies each artifact to the base state dict in memory (``deltahub.apply``) and evaluates it with
-   ``state_dict_accuracy``; it records bits per parameter, ratio vs a dense fp16 delta, relative
+   applies each artifact to the base state dict in memory (``deltahub.apply``) and scores it the way
+   ``state_dict_accuracy`` does (``classifier_from_state_dict`` + argmax, keeping the logits); it records bits per parameter, ratio vs a dense fp16 delta, relative
    reconstruction error ‖Δ − Δ̂‖/‖Δ‖ (all three from the manifest; over the encoder delta, the new
    classifier head is stored whole in every artifact and not counted), accuracy, accuracy change vs the
    expert, agreement of predicted labels with the expert, encode time and decode time;
