@@ -13,6 +13,7 @@ only where a lossless codec needs it) and the caller rounds once into the weight
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -186,8 +187,20 @@ class PluginInfo:
 _REGISTERED: dict[str, type[Codec]] = {}  # runtime registrations (tests, notebooks) win over entry points
 
 
+@functools.lru_cache(maxsize=8)
+def _installed_entry_points(group: str) -> tuple[metadata.EntryPoint, ...]:
+    # scanning every distribution's metadata costs ~3 ms; `auto` and `apply` look codecs up thousands of
+    # times, so scan once per process (call `refresh_plugins()` after installing a plugin at run time)
+    return tuple(metadata.entry_points(group=group))
+
+
+def refresh_plugins() -> None:
+    """Forget the cached plugin list (after ``pip install`` of a plugin in a running process)."""
+    _installed_entry_points.cache_clear()
+
+
 def _entry_points(group: str) -> list[metadata.EntryPoint]:
-    eps = list(metadata.entry_points(group=group))
+    eps = list(_installed_entry_points(group))
     # DELTAHUB_LOAD_PLUGINS="" keeps the test suite to built-ins, as llm's LLM_LOAD_PLUGINS does.
     only = os.environ.get("DELTAHUB_LOAD_PLUGINS")
     if only is not None:
