@@ -336,7 +336,7 @@ def _small(fit_stats: dict) -> dict:
     return {k: v for k, v in (fit_stats or {}).items() if isinstance(v, (int, float, str, bool))}
 
 
-AUTO_CANDIDATE_CODECS = ("compeft", "bitdelta", "binary", "dense")  # what plugins/auto.py CANDIDATES draws from
+AUTO_CANDIDATE_CODECS = ("compeft", "bitdelta", "binary", "dense")  # what deltahub/plugins/auto.py CANDIDATES draws from
 
 
 def compare_auto(rows: list[dict]) -> list[dict]:

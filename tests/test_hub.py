@@ -1,4 +1,4 @@
-"""The Hub remote (registry/hf.py) through the real huggingface_hub client against tests/hubserver.py on 127.0.0.1."""
+"""The Hub remote (deltahub/registry/hf.py) through the real huggingface_hub client against tests/hubserver.py on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from deltahub.registry.hf import HubRemote, parse_hub_url  # noqa: E402
 from deltahub.testing import pico_pair  # noqa: E402
 
 try:
-    from tests.hubserver import TEST_TOKEN, HubServer, hub_server_fixture
+    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture
 except ImportError:
     sys.path.insert(0, os.path.dirname(__file__))
     from hubserver import TEST_TOKEN, HubServer, hub_server_fixture  # type: ignore[no-redef]
@@ -385,10 +385,10 @@ def test_5xx_are_retried(hub, artifacts):
 def test_network_faults_mid_body_through_a_proxy(hub, artifacts, monkeypatch, tmp_path, kinds):
     """A connection reset or a short body mid-download, one flipped byte, a Range ignored: retried, then verified."""
     try:
-        from tests.s3server import run_fault_proxy
+        from s3server import run_fault_proxy
     except ImportError:
         from s3server import run_fault_proxy  # type: ignore[no-redef]
-    from tests.hubserver import patch_hf_env
+    from hubserver import patch_hf_env
 
     art = artifacts["compeft"]
     HubRemote(URL).push_artifact(art, name="expert", tag="latest")

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (  # noqa: E402
 )
 
 try:
-    from tests.hubserver import TEST_TOKEN, HubServer, hub_server_fixture, run_hub_server
+    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture, run_hub_server
 except ImportError:
     sys.path.insert(0, os.path.dirname(__file__))
     from hubserver import TEST_TOKEN, HubServer, hub_server_fixture, run_hub_server  # type: ignore[no-redef]

@@ -24,7 +24,7 @@ from _registry_fixtures import cli, local_blobs_ok, make_artifact  # noqa: E402
 try:
     from s3server import aws_env, loopback_only, run_fault_proxy, run_s3_server
 except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.s3server import aws_env, loopback_only, run_fault_proxy, run_s3_server
+    from s3server import aws_env, loopback_only, run_fault_proxy, run_s3_server
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ try:
         run_s3_server,
     )
 except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.s3server import NonLoopbackError, aws_env, loopback_only, run_fault_proxy, run_s3_server
+    from s3server import NonLoopbackError, aws_env, loopback_only, run_fault_proxy, run_s3_server
 
 DATA = bytes(range(256)) * 40  # 10 KiB
 
