@@ -18,6 +18,19 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture(autouse=True)
+def loopback_only():  # noqa: ANN201
+    """Every test: refuse (and record) any connection or DNS lookup that is not loopback.
+
+    Yields the list of refused attempts; a test that provokes one on purpose clears it.
+    """
+    from s3server import loopback_only as guard_sockets
+
+    with guard_sockets() as guard:
+        yield guard.attempts
+    assert guard.attempts == [], f"a test tried to leave the machine: {guard.attempts}"
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     import torch
 

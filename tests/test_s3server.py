@@ -365,8 +365,8 @@ def test_aws_env_lets_default_clients_reach_the_server(server, bucket):
         assert fs.cat(f"{bucket}/env/k") == b"v"
 
 
-def test_guard_refuses_non_loopback(guard):
-    n = len(guard.attempts)
+def test_guard_refuses_non_loopback(loopback_only):
+    # `loopback_only` is the innermost guard (tests/conftest.py, around every test): it sees these first
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         with pytest.raises(NonLoopbackError):
@@ -375,5 +375,5 @@ def test_guard_refuses_non_loopback(guard):
         s.close()
     with pytest.raises(NonLoopbackError):
         socket.getaddrinfo("s3.amazonaws.com", 443)
-    assert len(guard.attempts) == n + 2
-    del guard.attempts[n:]  # expected ones; the module teardown asserts the rest is empty
+    assert len(loopback_only) == 2
+    loopback_only.clear()  # expected ones; the fixture's teardown asserts the rest is empty
