@@ -498,6 +498,18 @@ def patch_hf_env(monkeypatch: Any, url: str, home: str | Path, token: str | None
     _http.close_session()  # drop keep-alive connections pooled for an earlier server
 
 
+def checked(servers):
+    """Yield the server from ``hub_server_fixture``; afterwards assert it saw no server error and no route
+    the client used that it does not implement."""
+    server: HubServer = next(servers)
+    try:
+        yield server
+        assert server.errors == []
+        assert server.unhandled == [], "the client used a route the test server does not implement"
+    finally:
+        servers.close()
+
+
 def hub_server_fixture(monkeypatch: Any, tmp_path: Path, token: str | None = None) -> Iterator[HubServer]:
     """For a fixture: ``yield from hub_server_fixture(monkeypatch, tmp_path, token=...)``.
 

@@ -23,10 +23,10 @@ from deltahub.registry.hf import HubRemote, parse_hub_url  # noqa: E402
 from deltahub.testing import pico_pair  # noqa: E402
 
 try:
-    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture
+    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture
 except ImportError:
     sys.path.insert(0, os.path.dirname(__file__))
-    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture  # type: ignore[no-redef]
+    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture  # type: ignore[no-redef]
 
 REPO = "alice/expert"
 URL = f"hf://{REPO}"
@@ -37,16 +37,6 @@ HOSTILE_NAMES = ["../x", "a/../../x", "/abs", "C:\\x", "C:x", "\\\\host\\share\\
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
     monkeypatch.setattr(backends, "BACKOFF", 0.001)
-
-
-def checked(servers):
-    server: HubServer = next(servers)
-    try:
-        yield server
-        assert server.errors == []
-        assert server.unhandled == [], "the client used a route the test server does not implement"
-    finally:
-        servers.close()
 
 
 @pytest.fixture

@@ -24,24 +24,13 @@ from huggingface_hub.errors import (  # noqa: E402
 )
 
 try:
-    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture, run_hub_server
+    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture, run_hub_server
 except ImportError:
     sys.path.insert(0, os.path.dirname(__file__))
-    from hubserver import TEST_TOKEN, HubServer, hub_server_fixture, run_hub_server  # type: ignore[no-redef]
+    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture, run_hub_server  # type: ignore[no-redef]
 
 REPO = "alice/delta"
 HOSTILE_NAMES = ["../x", "a/../../x", "/abs", "C:\\x", "C:x", "\\\\host\\share\\x", "nul\0byte"]
-
-
-def checked(servers):
-    """Yield the server from hub_server_fixture, then assert the client used only implemented routes."""
-    server: HubServer = next(servers)
-    try:
-        yield server
-        assert server.errors == []
-        assert server.unhandled == [], "client used a route the test server does not implement"
-    finally:
-        servers.close()
 
 
 @pytest.fixture
