@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from deltahub.artifact import Artifact, staging
 from deltahub.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from deltahub.codecs import get_codec
 from deltahub.constants import progress_disabled
 from deltahub.errors import CheckpointError
 from deltahub.fingerprint import verify_base
@@ -39,9 +38,7 @@ def merged_tensor(art: Artifact, entry: TensorEntry, base_t: torch.Tensor | None
     """The output tensor for one manifest entry: replacement, or round(base + α·Δ) written into ``base_t``."""
     if entry.op == "replace":
         return art.decode_tensor(entry)
-    codec = get_codec(entry.codec)
-    resident = codec.to_resident(art.encoded(entry), tuple(entry.shape), device=base_t.device)
-    return apply_(base_t, resident, alpha=alpha)
+    return apply_(base_t, art.resident(entry, device=base_t.device), alpha=alpha)
 
 
 def apply(artifact: Artifact | str | os.PathLike[str], base: Any, *, alpha: float = 1.0,

@@ -139,14 +139,35 @@ class Artifact:
             tensors[role] = unwrap(t, pk)
         return Encoded(tensors, dict(entry.meta))
 
-    def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
-        """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""
+    def codec(self, entry: TensorEntry) -> Any:
+        """The installed codec that reads ``entry``.
+
+        Raises:
+            CodecNotFoundError, PluginError: not installed, or broken.
+            CodecVersionError: the payload was written by a newer version of the codec.
+        """
         codec = get_codec(entry.codec)
         if entry.codec_version > codec.version:
             raise CodecVersionError(
                 f"{entry.name!r} was encoded with codec {entry.codec} v{entry.codec_version}; the installed one is "
                 f"v{codec.version}. Upgrade the plugin that provides it (`deltahub codecs`)."
             )
+        return codec
+
+    def resident(self, entry: TensorEntry, *, device: Any = "cpu") -> Any:
+        """The in-memory layout of one ``add`` entry that the kernels apply (DESIGN §2.3).
+
+        Raises:
+            IntegrityError: the payload does not decode.
+        """
+        try:
+            return self.codec(entry).to_resident(self.encoded(entry), tuple(entry.shape), device=device)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
+
+    def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""
+        codec = self.codec(entry)
         try:
             out = codec.decode(self.encoded(entry), tuple(entry.shape))
         except (ValueError, RuntimeError, KeyError) as exc:

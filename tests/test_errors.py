@@ -176,3 +176,23 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
     result = CliRunner().invoke(cli, ["apply", str(tmp_path), "--alpha", "lots", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
+
+
+def test_missing_tag_names_the_tags_there_are(artifact: Path) -> None:
+    code, out = run("push", artifact, "--tag", "v1")
+    assert code == 0, out
+    code, out = run("inspect", "art")
+    assert (code, out) == (1, "Error: No artifact 'art' in the local registry (tags of art: v1); see `deltahub ls`.")
+    code, out = run("apply", "nothing-here", "-o", artifact.parent / "m")
+    assert (code, out) == (1, "Error: No artifact 'nothing-here' in the local registry; see `deltahub ls`.")
+
+
+def test_newer_codec_version_is_refused(artifact: Path) -> None:
+    m = artifact / "deltahub.json"
+    data = json.loads(m.read_text())
+    data["tensors"][0]["codec_version"] = 7
+    m.write_text(json.dumps(data))
+    name, codec = data["tensors"][0]["name"], data["tensors"][0]["codec"]
+    code, out = run("apply", artifact, "--base", artifact.parent / "models" / "base.safetensors", "-o", artifact.parent / "m")
+    assert (code, out) == (1, f"Error: {name!r} was encoded with codec {codec} v7; the installed one is v1. "
+                              "Upgrade the plugin that provides it (`deltahub codecs`).")

@@ -271,7 +271,16 @@ class Store:
                 raise RegistryError(f"Id prefix {prefix!r} matches {len(found)} artifacts; give more digits.")
             if found:
                 return found[0], None
-        raise ArtifactNotFoundError(f"No artifact {ref!r} in {self.label}; see `deltahub ls{self._ls_arg}`.")
+        raise ArtifactNotFoundError(f"No artifact {ref!r} in {self.label}{self._other_tags(ref)}; see `deltahub ls{self._ls_arg}`.")
+
+    def _other_tags(self, ref: str) -> str:
+        """`` (tags of NAME: v1, v2)`` when the name exists under other tags: the usual `:latest` surprise."""
+        try:
+            name, _ = split_name_tag(ref)
+            tags = sorted({e.tag for e in self.entries() if e.name == name})
+        except DeltaHubError:
+            return ""
+        return f" (tags of {name}: {', '.join(tags)})" if tags else ""
 
     # ---------------------------------------------------------------------------------------- push
     def push(self, art: Any, name: str, tag: str) -> RefInfo:
