@@ -160,8 +160,9 @@ class Artifact:
         Raises:
             IntegrityError: the payload does not decode.
         """
+        codec = self.codec(entry)
         try:
-            return self.codec(entry).to_resident(self.encoded(entry), tuple(entry.shape), device=device)
+            return codec.to_resident(self.encoded(entry), tuple(entry.shape), device=device)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
 
