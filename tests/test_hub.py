@@ -464,6 +464,16 @@ def test_cli_push_pull_ls_card(hub, artifacts, tmp_path):
     assert result.exit_code == 0 and check_card(result.output) == [] and "deltahub pull hf://alice/expert" in result.output
 
 
+def test_cli_push_private(auth_hub, artifacts, monkeypatch):
+    result = run_cli("push", str(artifacts["dense"].folder), "--to", URL, "--private")
+    assert result.exit_code == 0, result.output
+    assert auth_hub.repos[REPO].private is True
+    monkeypatch.delenv("HF_TOKEN")
+    result = run_cli("pull", URL)
+    assert result.exit_code == 1 and "it is private and no Hub token is set" in result.output
+    assert run_cli("push", str(artifacts["dense"].folder), "--private").exit_code == 2  # local target
+
+
 def test_cli_errors_are_one_line(auth_hub, artifacts, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     result = run_cli("push", str(artifacts["dense"].folder), "--to", URL)

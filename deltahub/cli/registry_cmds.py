@@ -36,7 +36,8 @@ def _size(n: int | None) -> str:
               help="Target registry (default: the local registry), e.g. s3://bucket/prefix.")
 @click.option("--tag", help="Tag to point at the artifact (default: latest, or the tag given to compress --name).")
 @click.option("--name", help="Name to store it under (default: the artifact's name).")
-def push(src: str, to: str | None, tag: str | None, name: str | None) -> None:
+@click.option("--private", is_flag=True, help="For hf:// targets: create the repo private.")
+def push(src: str, to: str | None, tag: str | None, name: str | None, private: bool) -> None:
     """Store the artifact SRC in a registry and point NAME:TAG at it.
 
     SRC is an artifact folder, or (with --to) a name[:tag] or id of the local registry.
@@ -48,8 +49,14 @@ def push(src: str, to: str | None, tag: str | None, name: str | None) -> None:
       deltahub push ./expert --tag v2
       deltahub push expert:v2 --to s3://team-bucket/deltas  # local ref to a shared bucket
       deltahub push ./expert --to file:///mnt/shared/registry
+      deltahub push expert --to hf://my-org/expert --private
     """
-    info = _registry(to).push(src, name=name, tag=tag)
+    if private and not (to or "").startswith("hf://"):
+        raise click.UsageError("--private applies to hf:// targets (--to hf://org/repo).")
+    from deltahub.registry import Registry
+
+    reg = Registry(to, private=True) if private else _registry(to)
+    info = reg.push(src, name=name, tag=tag)
     where = to or "the local registry"
     click.echo(f"pushed {info.name}:{info.tag} ({info.id[:12]}, {_size(info.size)}) to {where}")
 

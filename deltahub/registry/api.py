@@ -28,20 +28,21 @@ class Registry:
             ``memory://root``, ``hf://org``, any fsspec URL).
         storage_options: passed to fsspec for ``url`` (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
         clock: ``time.time``-like function used for ref times and gc ages (tests inject one).
+        private: for ``hf://`` targets, create new repos private.
 
     Raises:
         RegistryError: unknown scheme or missing backend package (``pip install 'deltahub[s3]'``).
     """
 
     def __init__(self, url: str | os.PathLike[str] | None = None, *, storage_options: dict[str, Any] | None = None,
-                 clock: Any = None):
+                 clock: Any = None, private: bool | None = None):
         self.url = None if url is None else os.fspath(url)
         self._opts = storage_options
         self._clock = clock
         self._local: LocalRegistry | None = None
         self._remote: Remote | None = None
         if self.url is not None:
-            self._remote = open_remote(self.url, storage_options=storage_options, clock=clock)
+            self._remote = open_remote(self.url, storage_options=storage_options, clock=clock, private=private)
 
     def __repr__(self) -> str:
         return f"Registry({self.url!r})"

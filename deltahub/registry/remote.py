@@ -85,15 +85,21 @@ def _special(scheme: str) -> Any:
                             f"({target} is missing); upgrade deltahub.") from None
 
 
-def open_remote(url: str, *, storage_options: dict[str, Any] | None = None, clock: Any = None) -> Remote:
+def open_remote(url: str, *, storage_options: dict[str, Any] | None = None, clock: Any = None,
+                private: bool | None = None) -> Remote:
     """A remote for registry URL ``url``, chosen by scheme.
 
+    ``private`` is for remotes that have repo visibility (the Hub): new repos are created private.
+
     Raises:
-        RegistryError: unknown scheme, missing backend package (with the pip command to fix it).
+        RegistryError: unknown scheme, missing backend package (with the pip command to fix it), or
+            ``private`` for a remote without visibility settings.
     """
     cls = _special(scheme_of(url))
     if cls is not None:
-        return cls(url)
+        return cls(url) if private is None else cls(url, private=private)
+    if private is not None:
+        raise RegistryError(f"{url} has no private/public setting; --private applies to hf:// targets.")
     return ObjectStoreRemote(url, storage_options=storage_options, clock=clock)
 
 
