@@ -460,7 +460,7 @@ def test_cli_push_pull_ls_card(hub, artifacts, tmp_path):
     listed = run_cli("ls").output
     assert "expert" in listed and first[:12] in listed and "latest" in listed
 
-    result = run_cli("card", URL, "--repo-id", REPO)
+    result = run_cli("card", URL)  # the repo id comes from the ref
     assert result.exit_code == 0 and check_card(result.output) == [] and "deltahub pull hf://alice/expert" in result.output
 
 

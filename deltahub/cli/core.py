@@ -204,7 +204,12 @@ def card(artifact: str, repo_id: str | None) -> None:
     Examples:
       deltahub card ./expert > README.md
       deltahub card expert --repo-id my-org/expert
+      deltahub card hf://my-org/expert                # pulls it, then renders with that repo id
     """
     from deltahub.card import render_card
 
+    if repo_id is None and artifact.startswith("hf://"):  # the card's commands should name where it lives
+        from deltahub.registry.hf import parse_hub_url
+
+        repo_id = parse_hub_url(artifact).repo_id
     click.echo(render_card(open_artifact(artifact).manifest, repo_id=repo_id), nl=False)
