@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -102,10 +103,7 @@ class TensorEntry(_Strict):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def stored_bytes(self) -> int:
         return sum(p.stored for p in self.payload.values())

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from deltahub.codecs import Codec, CodecConfig, Encoded, ListSource, get_codec
+from deltahub.codecs import Codec, CodecConfig, Encoded, get_codec
 from deltahub.compressing import fit_one
 from deltahub.kernels.apply import apply_, to_dense
 

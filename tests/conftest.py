@@ -30,6 +30,22 @@ def loopback_only():  # noqa: ANN201
     assert guard.attempts == [], f"a test tried to leave the machine: {guard.attempts}"
 
 
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path):  # noqa: ANN201
+    """A Hub-API server on 127.0.0.1 (tests/hubserver.py) that the real huggingface_hub client talks to."""
+    from hubserver import checked, hub_server_fixture
+
+    yield from checked(hub_server_fixture(monkeypatch, tmp_path))
+
+
+@pytest.fixture
+def auth_hub(monkeypatch: pytest.MonkeyPatch, tmp_path):  # noqa: ANN201
+    """The same server, with private repos and a token (``hubserver.TEST_TOKEN``, set as HF_TOKEN)."""
+    from hubserver import TEST_TOKEN, checked, hub_server_fixture
+
+    yield from checked(hub_server_fixture(monkeypatch, tmp_path, token=TEST_TOKEN))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     import torch

@@ -151,3 +151,18 @@ def test_compeft_size_on_real_minilm_within_bound(tmp_path: Path) -> None:
     assert big
     bits = 8 * sum(e.stored_bytes() for e in big) / sum(e.numel for e in big)
     assert bits <= 1.03 * entropy_bound(0.1)
+
+
+def test_non_contiguous_weight_keeps_fp64_exactness() -> None:
+    from deltahub.kernels import Dense, apply_
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(24, 16, generator=g)
+    ft = base + torch.randn(24, 16, generator=g) * 1e-3
+    ft[:, 0] = -base[:, 0] * 1e-3  # crosses zero: fp32 cannot hold these deltas exactly, fp64 can
+    delta = (ft.double() - base.double())
+    assert not torch.equal(base + delta.float(), ft)  # the fp32 path would lose bits here
+    w = base.t().contiguous().t()  # a transposed (non-contiguous) view of the same values
+    assert not w.is_contiguous()
+    apply_(w, Dense(delta))
+    assert torch.equal(w, ft)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,7 @@ from deltahub.registry import backends  # noqa: E402
 from deltahub.registry.hf import HubRemote, parse_hub_url  # noqa: E402
 from deltahub.testing import pico_pair  # noqa: E402
 
-try:
-    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture
-except ImportError:
-    sys.path.insert(0, os.path.dirname(__file__))
-    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture  # type: ignore[no-redef]
+from hubserver import HubServer  # noqa: E402  (tests/ is on the import path, as conftest.py is)
 
 REPO = "alice/expert"
 URL = f"hf://{REPO}"
@@ -37,16 +32,6 @@ HOSTILE_NAMES = ["../x", "a/../../x", "/abs", "C:\\x", "C:x", "\\\\host\\share\\
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
     monkeypatch.setattr(backends, "BACKOFF", 0.001)
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    yield from checked(hub_server_fixture(monkeypatch, tmp_path))
-
-
-@pytest.fixture
-def auth_hub(monkeypatch, tmp_path):
-    yield from checked(hub_server_fixture(monkeypatch, tmp_path, token=TEST_TOKEN))
 
 
 @pytest.fixture(scope="module")

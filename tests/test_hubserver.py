@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,24 +22,10 @@ from huggingface_hub.errors import (  # noqa: E402
     RevisionNotFoundError,
 )
 
-try:
-    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture, run_hub_server
-except ImportError:
-    sys.path.insert(0, os.path.dirname(__file__))
-    from hubserver import TEST_TOKEN, HubServer, checked, hub_server_fixture, run_hub_server  # type: ignore[no-redef]
+from hubserver import HubServer, run_hub_server  # noqa: E402  (tests/ is on the import path, as conftest.py is)
 
 REPO = "alice/delta"
 HOSTILE_NAMES = ["../x", "a/../../x", "/abs", "C:\\x", "C:x", "\\\\host\\share\\x", "nul\0byte"]
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    yield from checked(hub_server_fixture(monkeypatch, tmp_path))
-
-
-@pytest.fixture
-def auth_hub(monkeypatch, tmp_path):
-    yield from checked(hub_server_fixture(monkeypatch, tmp_path, token=TEST_TOKEN))
 
 
 def make_folder(root: Path, weights: bytes = b"\x01\x02" * 40_000) -> Path:

@@ -7,6 +7,7 @@ chunks of ~0.5 M elements ran 2-3x faster than whole tensors here (research/perf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,20 +54,17 @@ def to_dense(res: Resident) -> torch.Tensor:
     if isinstance(res, Dense):
         return res.values.to(_compute_dtype(res.values.dtype))
     if isinstance(res, SparseCOO):
-        n = 1
-        for s in res.shape:
-            n *= s
-        out = torch.zeros(n, dtype=torch.float32, device=res.values.device)
+        out = torch.zeros(math.prod(res.shape), dtype=torch.float32, device=res.values.device)
         out[res.indices.long()] = res.values.to(torch.float32) * res.scale
         return out.view(res.shape)
     if isinstance(res, SignBits):
         rows = res.shape[0] if res.shape else 1
         cols = (res.bits.shape[1] * 8) if rows else 0
-        n_cols = _numel(res.shape) // max(rows, 1)
+        n_cols = math.prod(res.shape) // max(rows, 1)
         signs = _PM1[res.bits.long()].reshape(rows, cols)[:, :n_cols]
         return (signs * res.scale.view(-1, 1) + res.offset.view(-1, 1)).reshape(res.shape)
     if isinstance(res, TernaryPlanes):
-        n = _numel(res.shape)
+        n = math.prod(res.shape)
         plus = _BITS[res.plus.long()].reshape(-1)[:n]
         minus = _BITS[res.minus.long()].reshape(-1)[:n]
         return ((plus - minus) * res.scale).reshape(res.shape)
@@ -74,12 +72,6 @@ def to_dense(res: Resident) -> torch.Tensor:
         return (res.scale * (res.B.float() @ res.A.float())).reshape(res.shape)
     raise TypeError(f"unknown resident layout {type(res).__name__}")
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @torch.no_grad()
@@ -93,7 +85,8 @@ def apply_(weight: torch.Tensor, res: Resident, *, alpha: float = 1.0) -> torch.
         raise ValueError(f"delta shape {tuple(res.shape)} does not match weight shape {tuple(weight.shape)}")
     flat = weight.view(-1) if weight.is_contiguous() else None
     if flat is None:  # rare (transposed views); fall back to the reference path
-        weight.copy_(_round(weight.to(torch.float32) + alpha * to_dense(res), weight.dtype))
+        delta = to_dense(res)
+        weight.copy_((weight.to(delta.dtype) + alpha * delta).to(weight.dtype))
         return weight
     if isinstance(res, SparseCOO):
         return _apply_sparse(weight, flat, res, alpha)
@@ -104,10 +97,6 @@ def apply_(weight: torch.Tensor, res: Resident, *, alpha: float = 1.0) -> torch.
         return _apply_signbits(weight, res, alpha)
     _apply_dense(flat, to_dense(res).reshape(-1), alpha)
     return weight
-
-
-def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype)
 
 
 def _apply_dense(flat: torch.Tensor, delta: torch.Tensor, alpha: float) -> None:

@@ -31,12 +31,12 @@ Storage: ``codes`` packed LSB-first, b bits per entry, entry i in bits [i·b, (i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from deltahub.codecs import Codec, CodecConfig, Encoded
 from deltahub.kernels.layouts import Dense, SignBits
@@ -89,12 +89,6 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int, what: str = "codes
     return torch.from_numpy(codes)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 class BinaryConfig(CodecConfig):
     """Options of ``binary``."""
@@ -137,7 +131,7 @@ class BinaryCodec(Codec):
             if not isinstance(v, torch.Tensor) or v.numel() != 1 or v.dtype != torch.float32 \
                     or not torch.isfinite(v).all():
                 raise ValueError(f"binary payload needs one finite fp32 '{key}'")
-        codes = unpack_codes(t.get("codes"), _numel(shape), bits)
+        codes = unpack_codes(t.get("codes"), math.prod(shape), bits)
         lut = codebook(bits, levels).to(torch.float32) * t["sigma"].reshape(1)
         return codes, lut, t["mu"].reshape(1), bits
 
@@ -151,7 +145,7 @@ class BinaryCodec(Codec):
         if bits != 1:
             return Dense((lut[codes] + mu).reshape(shape).to(device))
         rows = shape[0] if shape else 1
-        cols = _numel(tuple(shape[1:]))
+        cols = math.prod(tuple(shape[1:]))
         if cols % 8 == 0:
             packed = enc.tensors["codes"].reshape(rows, cols // 8)
         else:

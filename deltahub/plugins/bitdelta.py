@@ -54,12 +54,6 @@ class BitdeltaConfig(CodecConfig):
     """Also encode tensors whose names contain 'embed' (kept dense by default: resized vocabularies)."""
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 def _mean_abs(d: torch.Tensor) -> float:
     return float(d.double().abs().mean()) if d.numel() else 0.0
@@ -118,7 +112,7 @@ class BitdeltaCodec(Codec):
         if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32 \
                 or not torch.isfinite(scale).all():
             raise ValueError("bitdelta payload needs one finite fp32 scale")
-        return unpack_codes(enc.tensors.get("signs"), _numel(shape), 1, "bitdelta signs"), scale.reshape(1)
+        return unpack_codes(enc.tensors.get("signs"), math.prod(shape), 1, "bitdelta signs"), scale.reshape(1)
 
     def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         bits, s = self._parts(enc, shape)
@@ -127,7 +121,7 @@ class BitdeltaCodec(Codec):
     def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SignBits:
         bits, s = self._parts(enc, shape)
         rows = shape[0] if shape else 1
-        cols = _numel(tuple(shape[1:]))
+        cols = math.prod(tuple(shape[1:]))
         if cols % 8 == 0:  # rows are whole bytes: the stored stream is already the row layout
             packed = enc.tensors["signs"].reshape(rows, cols // 8)
         else:

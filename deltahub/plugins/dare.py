@@ -28,6 +28,7 @@ Payload keys: ``q``, ``r`` (position streams), ``values``, ``scale``; meta ``k``
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -66,12 +67,6 @@ def keep_mask(seed: int, name: str, numel: int, p: float) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 class DareCodec(Codec):
     name = "dare"
@@ -103,7 +98,7 @@ class DareCodec(Codec):
 
     def _parts(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(kept flat indices int64, stored values, fp32 scale of one element), validated."""
-        numel = _numel(shape)
+        numel = math.prod(shape)
         try:
             count, coded = int(enc.meta["count"]), enc.meta["coded"]
         except (KeyError, ValueError):
@@ -129,7 +124,7 @@ class DareCodec(Codec):
 
     def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         pos, values, scale = self._parts(enc, shape)
-        out = torch.zeros(_numel(shape), dtype=torch.float32)
+        out = torch.zeros(math.prod(shape), dtype=torch.float32)
         out[pos] = values.float() * scale
         return out.reshape(shape)
 

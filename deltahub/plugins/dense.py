@@ -10,6 +10,7 @@ is needed to lose a bit, and the extractor stores such tensors whole), and θ_ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -52,9 +53,7 @@ class DenseCodec(Codec):
 
     def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         values = enc.tensors["values"]
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         if values.dim() != 1 or values.numel() != n:
             raise ValueError(f"dense payload holds {values.numel()} values, expected {n} for shape {list(shape)}")
         if values.dtype in (torch.float16, torch.bfloat16):
