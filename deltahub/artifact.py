@@ -157,14 +157,26 @@ class Artifact:
     def resident(self, entry: TensorEntry, *, device: Any = "cpu") -> Any:
         """The in-memory layout of one ``add`` entry that the kernels apply (DESIGN §2.3).
 
+        Built and validated on the CPU, then moved: a failure to decode is a corrupt payload, while an
+        out-of-memory on ``device`` stays the ``torch.OutOfMemoryError`` it is.
+
         Raises:
-            IntegrityError: the payload does not decode.
+            IntegrityError: the payload does not decode, or decodes to an inconsistent layout.
+            torch.OutOfMemoryError: ``device`` has no room for it.
         """
+        from deltahub.kernels.layouts import LAYOUTS
+
         codec = self.codec(entry)
         try:
-            return codec.to_resident(self.encoded(entry), tuple(entry.shape), device=device)
+            res = codec.to_resident(self.encoded(entry), tuple(entry.shape), device="cpu")
+            if not isinstance(res, LAYOUTS):
+                raise ValueError(f"to_resident returned {type(res).__name__}, not a resident layout")
+            if tuple(res.shape) != tuple(entry.shape):
+                raise ValueError(f"to_resident gave shape {list(res.shape)}, expected {entry.shape}")
+            res.validate()
         except (ValueError, RuntimeError, KeyError) as exc:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
+        return res.to(device)
 
     def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
         """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""

@@ -8,6 +8,7 @@ from pathlib import Path
 ENV_HOME = "DELTAHUB_HOME"  # the local registry and caches; default ~/.cache/deltahub
 ENV_LOAD_PLUGINS = "DELTAHUB_LOAD_PLUGINS"  # "" = built-in plugins only (the test suite sets it)
 ENV_NO_PROGRESS = "DELTAHUB_NO_PROGRESS"  # "1" hides progress bars even on a terminal
+ENV_KERNEL_BACKEND = "DELTAHUB_KERNEL_BACKEND"  # auto (default) | torch | compiled | triton
 
 PAYLOAD_NAME = "payload.safetensors"
 CARD_NAME = "README.md"

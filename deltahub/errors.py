@@ -39,6 +39,14 @@ class CodecConfigError(DeltaHubError, ValueError):
     """A codec option (``-p KEY=VALUE``) is unknown or has a bad value."""
 
 
+class LayoutError(DeltaHubError, ValueError):
+    """A resident layout is inconsistent (lengths, shapes, dtypes, indices): a codec bug or a corrupt payload."""
+
+
+class KernelError(DeltaHubError, RuntimeError):
+    """A kernel backend cannot run here (asked for explicitly, but unavailable for these tensors)."""
+
+
 class FormatVersionError(DeltaHubError, ValueError):
     """The artifact was written with a newer format than this deltahub reads."""
 

@@ -21,7 +21,7 @@ import torch
 
 from deltahub.codecs import Codec, CodecConfig, Encoded, get_codec
 from deltahub.compressing import fit_one
-from deltahub.kernels.apply import apply_, to_dense
+from deltahub.kernels import apply_, to_dense
 
 SHAPES = [(33, 17), (64, 48), (5, 3, 7), (8, 3, 3, 3), (1, 1), (0, 4), (4, 0), (300,)]
 

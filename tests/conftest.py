@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("DELTAHUB_LOAD_PLUGINS", "")  # installed third-party codecs must not reach the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches the internet; Hub tests use a local server
 os.environ.setdefault("DELTAHUB_NO_PROGRESS", "1")
+# one compiled copy of the CPU kernels for the whole run (each test has its own DELTAHUB_HOME)
+os.environ.setdefault("DELTAHUB_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), f"deltahub-kernels-{os.getuid()}"))
 
 
 @pytest.fixture(autouse=True)

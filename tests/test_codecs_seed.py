@@ -14,7 +14,7 @@ from deltahub.calibration import Calibration
 from deltahub.codecs import Codec, DeltaSource, Encoded
 from deltahub.codecs import get_codec as _get_codec
 from deltahub.errors import CodecConfigError
-from deltahub.kernels.apply import to_dense
+from deltahub.kernels import to_dense
 from deltahub.plugins.binary import LEVELS, codebook, pack_codes, unpack_codes
 from deltahub.plugins.dare import keep_mask
 from deltahub.plugins.darex import retune

@@ -1,10 +1,12 @@
-"""Apply resident delta layouts to weights: plain-torch fast paths here, Triton kernels loaded lazily.
+"""Resident delta layouts and the operations on them: apply, delta matmul, mixed-expert batches.
 
-``import deltahub`` never imports triton; only the ``*_triton.py`` modules do, on a CUDA device or
-under ``TRITON_INTERPRET=1``.
+``import deltahub`` never imports triton; only the ``*_triton.py`` modules do, when a CUDA tensor (or the
+interpreter, ``TRITON_INTERPRET=1``) asks for them. Plain-torch references live in ``reference.py``.
 """
 
 from deltahub.kernels.apply import apply_
-from deltahub.kernels.layouts import Dense, LowRank, Resident, SignBits, SparseCOO, TernaryPlanes
+from deltahub.kernels.layouts import LAYOUTS, Codes, Dense, LowRank, Resident, SparseRows, TernaryMask, matrix_shape
+from deltahub.kernels.reference import to_dense
 
-__all__ = ["Dense", "LowRank", "Resident", "SignBits", "SparseCOO", "TernaryPlanes", "apply_"]
+__all__ = ["LAYOUTS", "Codes", "Dense", "LowRank", "Resident", "SparseRows", "TernaryMask", "apply_", "matrix_shape",
+           "to_dense"]

@@ -1,39 +1,37 @@
-"""Plain-torch CPU paths: apply a resident layout to a weight in place, and the dense reference.
+"""``apply_``: W ← round(W + α·Δ) in place for every resident layout, without a dense Δ of W's size.
 
-The rule everywhere (DESIGN §2.3): compute ``w + α·Δ`` in fp32 (fp64 if Δ is fp64) and round once into
-the weight's dtype. Work is chunked: allocation and page faults dominate naive whole-tensor code, and
-chunks of ~0.5 M elements ran 2-3x faster than whole tensors here (research/perf.md §4.1).
+Semantics are those of :func:`deltahub.kernels.reference.apply_` (compute in fp32, or fp64 when W or Δ is
+fp64; one rounding into W's dtype), bit for bit for every layout but ``LowRank`` (a matmul: its
+summation order is the BLAS's). Dispatch (:mod:`deltahub.kernels.backends`): Triton for CUDA tensors, the
+compiled C kernels on CPU, and the torch paths below everywhere else. The torch paths work in blocks of
+about 0.5 M elements through the same few buffers: allocation and page faults dominate whole-tensor torch
+code, and such blocks ran 2-3x faster than whole tensors (research/perf.md §4.1).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from deltahub.kernels.layouts import Dense, LowRank, Resident, SignBits, SparseCOO, TernaryPlanes
+from deltahub.errors import LayoutError
+from deltahub.kernels import backends, native
+from deltahub.kernels.layouts import LAYOUTS, Codes, Dense, LowRank, Resident, SparseRows, TernaryMask, row_bytes
+from deltahub.kernels.reference import compute_dtype
 
-CHUNK = 1 << 19  # elements per chunk: 2 MB of fp32, fits L2 on the 2-core VM
-NNZ_CHUNK = 1 << 16  # sparse entries per chunk
-
-# byte -> its 8 bits as ±1 (little bit order), shared by SignBits and TernaryPlanes.
-_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32)
-_PM1 = _BITS * 2 - 1
-# the same ±1 signs as int8, each byte's 8 of them packed into one int64 (memory order kept): a 1-D gather
-# of these unpacks 8 signs per index, ~4x faster than gathering rows of _PM1.
-_PM1_I64 = _PM1.to(torch.int8).view(torch.int64).reshape(256)
+CHUNK = 1 << 19  # elements per block: 2 MB of fp32, well inside L2
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LUTS: dict[torch.device, torch.Tensor] = {}
 
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """The calling thread's torch ops run single-threaded inside (the count is per thread; ~1 µs).
 
-    A chunk loop is many small ops, and each op as an intra-op parallel region waits for a
-    descheduled worker whenever the cores are shared (other processes, the model's own threads): the
-    loops ran 3-20x slower with 2 torch threads than with 1 on the loaded 2-core VM. Handing blocks to
-    2 single-threaded Python threads instead was no faster than 1 thread there, loaded or not.
+    A block loop is many small ops, and each op as an intra-op parallel region waits for a descheduled
+    worker whenever the cores are shared: such loops ran 3-20x slower with 2 torch threads than with 1 on
+    the loaded 2-core VM (BENCHMARKS.md, section 2).
     """
     n = torch.get_num_threads()
     if n > 1:
@@ -45,148 +43,198 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
-def _compute_dtype(delta_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if delta_dtype == torch.float64 else torch.float32
-
-
-def to_dense(res: Resident) -> torch.Tensor:
-    """The delta as a dense fp32 (or fp64) tensor: the reference every fast path is checked against."""
-    if isinstance(res, Dense):
-        return res.values.to(_compute_dtype(res.values.dtype))
-    if isinstance(res, SparseCOO):
-        out = torch.zeros(math.prod(res.shape), dtype=torch.float32, device=res.values.device)
-        out[res.indices.long()] = res.values.to(torch.float32) * res.scale
-        return out.view(res.shape)
-    if isinstance(res, SignBits):
-        rows = res.shape[0] if res.shape else 1
-        cols = (res.bits.shape[1] * 8) if rows else 0
-        n_cols = math.prod(res.shape) // max(rows, 1)
-        signs = _PM1[res.bits.long()].reshape(rows, cols)[:, :n_cols]
-        return (signs * res.scale.view(-1, 1) + res.offset.view(-1, 1)).reshape(res.shape)
-    if isinstance(res, TernaryPlanes):
-        n = math.prod(res.shape)
-        plus = _BITS[res.plus.long()].reshape(-1)[:n]
-        minus = _BITS[res.minus.long()].reshape(-1)[:n]
-        return ((plus - minus) * res.scale).reshape(res.shape)
-    if isinstance(res, LowRank):
-        return (res.scale * (res.B.float() @ res.A.float())).reshape(res.shape)
-    raise TypeError(f"unknown resident layout {type(res).__name__}")
-
+def check(weight: torch.Tensor, layout: Resident) -> None:
+    """Raises LayoutError unless ``layout`` fits ``weight`` (type, shape, device, dtype)."""
+    if not isinstance(layout, LAYOUTS):
+        raise LayoutError(f"{type(layout).__name__} is not a resident layout; a codec's to_resident must return one "
+                          f"of {', '.join(t.__name__ for t in LAYOUTS)}.")
+    if tuple(weight.shape) != tuple(layout.shape):
+        raise LayoutError(f"The delta has shape {list(layout.shape)} but the weight {list(weight.shape)}: it was made "
+                          "for another model; use the expert's own base.")
+    if weight.device != layout.device:
+        raise LayoutError(f"The delta is on {layout.device} and the weight on {weight.device}; move one with .to().")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise LayoutError(f"Cannot apply a delta to a {weight.dtype} tensor; weights are fp16, bf16, fp32 or fp64.")
 
 
 @torch.no_grad()
-def apply_(weight: torch.Tensor, res: Resident, *, alpha: float = 1.0) -> torch.Tensor:
+def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, backend: str | None = None) -> torch.Tensor:
     """``weight ← round(weight + α·Δ)`` in place; returns ``weight``.
 
+    Args:
+        weight: fp16, bf16, fp32 or fp64, on the layout's device; non-contiguous views are handled.
+        layout: a resident layout of the same shape.
+        alpha: scale of Δ (a merge weight).
+        backend: ``auto``/``torch``/``compiled``/``triton``; None reads DELTAHUB_KERNEL_BACKEND.
+
     Raises:
-        ValueError: the layout's shape differs from the weight's.
+        LayoutError: the layout does not fit the weight.
+        KernelError: an explicit backend that cannot run here.
     """
-    if tuple(weight.shape) != tuple(res.shape):
-        raise ValueError(f"delta shape {tuple(res.shape)} does not match weight shape {tuple(weight.shape)}")
-    flat = weight.view(-1) if weight.is_contiguous() else None
-    if flat is None:  # rare (transposed views); fall back to the reference path
-        delta = to_dense(res)
-        weight.copy_((weight.to(delta.dtype) + alpha * delta).to(weight.dtype))
+    check(weight, layout)
+    if weight.numel() == 0:
         return weight
-    if isinstance(res, SparseCOO):
-        return _apply_sparse(weight, flat, res, alpha)
-    if isinstance(res, Dense):
-        _apply_dense(flat, res.values.reshape(-1), alpha)
+    if not weight.is_contiguous():
+        tmp = weight.contiguous()
+        apply_(tmp, layout, alpha=alpha, backend=backend)
+        return weight.copy_(tmp)
+    which = backends.select(weight.device, backend)
+    if which == "triton":
+        from deltahub.kernels import apply_triton
+
+        apply_triton.apply_(weight, layout, float(alpha))
         return weight
-    if isinstance(res, SignBits):
-        return _apply_signbits(weight, res, alpha)
-    _apply_dense(flat, to_dense(res).reshape(-1), alpha)
+    if which == "compiled" and _compiled(weight, layout, float(alpha)):
+        return weight
+    with _one_thread():
+        _TORCH[type(layout)](weight, layout, float(alpha))
     return weight
 
 
-def _apply_dense(flat: torch.Tensor, delta: torch.Tensor, alpha: float) -> None:
-    cdt = _compute_dtype(delta.dtype)
-    if flat.dtype == cdt and alpha == 1.0:
-        flat.add_(delta)  # already the compute dtype: one rounding, no temporaries
+# ------------------------------------------------------------------------------------ compiled (C)
+def _compiled(w: torch.Tensor, layout: Resident, alpha: float) -> bool:
+    """Run the C kernel; False when it has none for this case (LowRank; fp64 Δ on half weights)."""
+    lib = native.library()
+    if lib is None or isinstance(layout, LowRank):
+        return False
+    a, wdt, codes = native.addr, native.DTYPE_CODES[w.dtype], native.DTYPE_CODES
+    rows, cols = layout.matrix
+    n = w.numel()
+    if isinstance(layout, Dense):
+        d = layout.values
+        if d.dtype == torch.float64 and w.dtype not in (torch.float32, torch.float64):
+            return False
+        native.run_split(lib.dh_apply_dense, n, n, (a(w), wdt, a(d), codes[d.dtype], ..., alpha))
+    elif isinstance(layout, Codes):
+        native.run_split(lib.dh_apply_codes, rows, n, (a(w), wdt, rows, cols, ..., a(layout.planes), layout.bits,
+                                                       a(layout.codebook), layout.codebook.shape[0], alpha))
+    elif isinstance(layout, TernaryMask):
+        rp = layout.row_ptr.to(torch.int64)
+        native.run_split(lib.dh_apply_mask, rows, n, (a(w), wdt, cols, ..., a(layout.mask), a(layout.signs),
+                                                      layout.signs.numel(), a(rp),
+                                                      layout.scale, alpha))
+    else:
+        rp = layout.row_ptr.to(torch.int64)
+        native.run_split(lib.dh_apply_csr, rows, n, (a(w), wdt, cols, ..., a(rp), a(layout.cols),
+                                                     codes[layout.cols.dtype], a(layout.values),
+                                                     codes[layout.values.dtype], layout.scale, alpha))
+    return True
+
+
+# ------------------------------------------------------------------------------------------ torch
+def _bit_lut(device: torch.device) -> torch.Tensor:
+    """byte → its 8 bits as int8 0/1 (little bit order) packed in one int64: a 1-D gather unpacks 8 at once."""
+    if device not in _LUTS:
+        bits = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.int8)
+        _LUTS[device] = bits.view(torch.int64).reshape(256).to(device)
+    return _LUTS[device]
+
+
+def unpack_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """(m, ceil(cols/8)) uint8 → (m, cols) int8 0/1."""
+    m = packed.shape[0]
+    out = _bit_lut(packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+    return out.view(torch.int8).view(m, -1)[:, :cols]
+
+
+def _add_rows(w2: torch.Tensor, r0: int, r1: int, term: torch.Tensor) -> None:
+    """w2[r0:r1] ← round(w2[r0:r1] + term), term already in the compute dtype."""
+    block = w2[r0:r1]
+    if block.dtype == term.dtype:
+        block.add_(term)
+    else:
+        block.copy_(block.to(term.dtype).add_(term))
+
+
+def _steps(rows: int, cols: int) -> range:
+    return range(0, rows, max(1, CHUNK // max(cols, 1)))
+
+
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _torch_dense(w: torch.Tensor, layout: Dense, alpha: float) -> None:
+    c = compute_dtype(w.dtype, layout.compute_dtype)
+    flat, d = w.view(-1), layout.values.reshape(-1)
+    if alpha == 1.0 and w.dtype == c == d.dtype:
+        flat.add_(d)  # one rounding, no temporaries
         return
-    for start in range(0, flat.numel(), CHUNK):
-        w = flat[start:start + CHUNK]
-        d = delta[start:start + CHUNK].to(cdt)
-        w.copy_(w.to(cdt).add_(d, alpha=alpha) if alpha != 1.0 else w.to(cdt).add_(d))
+    a = _scalar(alpha, c, w.device)
+    for s in range(0, flat.numel(), CHUNK):
+        t = d[s:s + CHUNK].to(c) if alpha == 1.0 else d[s:s + CHUNK].to(c) * a
+        _add_rows(flat, s, s + t.numel(), t)
 
 
-def _apply_sparse(weight: torch.Tensor, flat: torch.Tensor, res: SparseCOO, alpha: float) -> torch.Tensor:
-    # In blocks of NNZ_CHUNK entries through preallocated buffers: whole-nnz temporaries (the scaled
-    # values, the gathered weights) cost more in page faults than the arithmetic (research/perf.md §4.1).
-    idx, values, nnz = res.indices, res.values, res.indices.numel()
-    n = min(NNZ_CHUNK, nnz)
-    vals = torch.empty(n, dtype=torch.float32, device=flat.device)
-    gathered = None if flat.dtype == torch.float32 else torch.empty(n, dtype=flat.dtype, device=flat.device)
-    wide = None if gathered is None else torch.empty(n, dtype=torch.float32, device=flat.device)
-    long_idx = None if gathered is None or idx.dtype == torch.int64 else torch.empty(n, dtype=torch.int64,
-                                                                                      device=flat.device)
-    with _one_thread():
-        for a in range(0, nnz, NNZ_CHUNK):
-            b = min(nnz, a + NNZ_CHUNK)
-            m = b - a
-            i = idx[a:b]
-            v = vals[:m]
-            v.copy_(values[a:b])
-            v.mul_(res.scale)  # the reference's steps: fp32(values) * scale, then * alpha
-            if alpha != 1.0:
-                v.mul_(alpha)
-            if gathered is None or wide is None:
-                flat.index_add_(0, i, v)  # unique indices: each element w + v, rounded once
-                continue
-            if long_idx is not None:  # index_copy_ takes int64 only
-                i = long_idx[:m]
-                i.copy_(idx[a:b])
-            g, f = gathered[:m], wide[:m]
-            torch.index_select(flat, 0, i, out=g)
-            f.copy_(g)
-            f.add_(v)
-            g.copy_(f)
-            flat.index_copy_(0, i, g)
-    return weight
+def _torch_codes(w: torch.Tensor, layout: Codes, alpha: float) -> None:
+    rows, cols = layout.matrix
+    c = compute_dtype(w.dtype, layout.compute_dtype)
+    w2 = w.view(rows, cols)
+    table = layout.codebook.to(c) * _scalar(alpha, c, w.device)  # the reference's α·Δ, one product per code
+    per_row = table.shape[0] > 1
+    for r0 in _steps(rows, cols):
+        r1 = min(rows, r0 + max(1, CHUNK // max(cols, 1)))
+        tab = table[r0:r1] if per_row else table
+        if layout.bits == 1:
+            bit = unpack_rows(layout.planes[0, r0:r1], cols).bool()
+            term = torch.where(bit, tab[:, 1:2], tab[:, 0:1])
+        else:
+            code = sum(unpack_rows(layout.planes[j, r0:r1], cols).long() << j for j in range(layout.bits))
+            term = torch.gather(tab, 1, code) if per_row else tab[0][code]
+        _add_rows(w2, r0, r1, term)
 
 
-def _apply_signbits(weight: torch.Tensor, res: SignBits, alpha: float) -> torch.Tensor:
-    # Unpack one byte -> 8 int8 signs with a 1-D int64 gather (_PM1_I64), widen to fp32, then
-    # w + (±1)·(α·s): the product is exact, so addcmul's single rounding equals the reference's
-    # round(w + α·(±s)). Rows in blocks of ~CHUNK elements through preallocated buffers.
-    rows = res.shape[0] if res.shape else 1
-    w2 = weight.view(rows, -1)
-    cols = w2.shape[1]
-    nb = res.bits.shape[-1] if res.bits.dim() else 0
-    bits = res.bits.reshape(rows, nb)
-    step = max(1, CHUNK // max(8 * nb, 1))
-    scale = res.scale.to(torch.float32).expand(rows).reshape(rows, 1)
-    offset = res.offset.to(torch.float32).expand(rows).reshape(rows, 1)
-    plain = not bool(offset.any())  # Δ = ±s exactly: fold α into the scale (α·(±s) = ±(α·s))
-    if plain and alpha != 1.0:
-        scale = alpha * scale
-    lut = _PM1_I64.to(weight.device)
-    n = min(step, rows)
-    idx = torch.empty(n * nb, dtype=torch.int32, device=weight.device)
-    packed = torch.empty(n * nb, dtype=torch.int64, device=weight.device)
-    signs = torch.empty(n, nb * 8, dtype=torch.float32, device=weight.device)
-    wide = None if weight.dtype == torch.float32 else torch.empty(n, cols, dtype=torch.float32, device=weight.device)
-    with _one_thread():
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            m = r1 - r0
-            i, p = idx[:m * nb], packed[:m * nb]
-            i.copy_(bits[r0:r1].reshape(-1))
-            torch.index_select(lut, 0, i, out=p)
-            d = signs[:m]
-            d.view(-1).copy_(p.view(torch.int8))
-            d = d[:, :cols]
-            w = w2[r0:r1]
-            acc = w if wide is None else wide[:m]
-            if wide is not None:
-                acc.copy_(w)
-            if plain:
-                acc.addcmul_(d, scale[r0:r1])
-            else:  # the reference's own steps: (±1·s + offset), times α, then added
-                d.mul_(scale[r0:r1]).add_(offset[r0:r1])
-                if alpha != 1.0:
-                    d.mul_(alpha)
-                acc.add_(d)
-            if wide is not None:
-                w.copy_(acc)
-    return weight
+def _torch_mask(w: torch.Tensor, layout: TernaryMask, alpha: float) -> None:
+    rows, cols = layout.matrix
+    c = compute_dtype(w.dtype, layout.compute_dtype)
+    w2, ptr = w.view(rows, cols), layout.row_ptr.tolist()
+    t = _scalar(layout.scale, torch.float32, w.device).to(c) * _scalar(alpha, c, w.device)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        k0, k1 = ptr[r0], ptr[r1]
+        if k0 == k1:
+            continue
+        packed = layout.signs[k0 // 8:row_bytes(k1)].unsqueeze(0)
+        neg = unpack_rows(packed, packed.shape[1] * 8)[0, k0 % 8:k0 % 8 + (k1 - k0)].bool()
+        term = torch.zeros(r1 - r0, cols, dtype=c, device=w.device)
+        term.masked_scatter_(unpack_rows(layout.mask[r0:r1], cols).bool(), torch.where(neg, -t, t))
+        _add_rows(w2, r0, r1, term)
+
+
+def _torch_csr(w: torch.Tensor, layout: SparseRows, alpha: float) -> None:
+    rows, cols = layout.matrix
+    c = compute_dtype(w.dtype, layout.compute_dtype)
+    flat, ptr = w.view(-1), layout.row_ptr.long()
+    s, a = _scalar(layout.scale, torch.float32, w.device), _scalar(alpha, c, w.device)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        k0, k1 = int(ptr[r0]), int(ptr[r1])
+        if k0 == k1:
+            continue
+        row = torch.repeat_interleave(torch.arange(r0, r1, device=w.device), ptr[r0 + 1:r1 + 1] - ptr[r0:r1])
+        idx = row * cols + layout.cols[k0:k1].to(torch.int32).long()
+        term = (layout.values[k0:k1].to(torch.float32) * s).to(c) * a  # Δ in fp32, then α·Δ
+        if flat.dtype == c:
+            flat.index_add_(0, idx, term)  # unique indices: each element w + t, rounded once
+        else:
+            flat.index_copy_(0, idx, flat.index_select(0, idx).to(c).add_(term).to(flat.dtype))
+
+
+def _torch_lowrank(w: torch.Tensor, layout: LowRank, alpha: float) -> None:
+    rows, cols = layout.matrix
+    cl = layout.compute_dtype
+    c = compute_dtype(w.dtype, cl)
+    w2 = w.view(rows, cols)
+    s, a = _scalar(layout.scale, cl, w.device), _scalar(alpha, c, w.device)
+    A, B = layout.A.to(cl), layout.B.to(cl)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        d = A[:, r0:r1].T @ B.T if layout.transposed else B[r0:r1] @ A
+        _add_rows(w2, r0, r1, (s * d).to(c) * a)
+
+
+_TORCH = {Dense: _torch_dense, Codes: _torch_codes, TernaryMask: _torch_mask, SparseRows: _torch_csr,
+          LowRank: _torch_lowrank}

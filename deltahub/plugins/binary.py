@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from deltahub.codecs import Codec, CodecConfig, Encoded
-from deltahub.kernels.layouts import Dense, SignBits
+from deltahub.kernels.layouts import Codes
+from deltahub.kernels.pack import codes_layout, sign_plane
 
 LEVELS: dict[str, dict[int, tuple[float, ...]]] = {  # positive halves, ascending
     "paper": {
@@ -139,17 +140,10 @@ class BinaryCodec(Codec):
         codes, lut, mu, _ = self._parts(enc, shape)
         return (lut[codes] + mu).reshape(shape)
 
-    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SignBits | Dense:
-        """b = 1: SignBits (scale fp32(0.6745σ), offset μ); otherwise the decoded dense tensor."""
+    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> Codes:
+        """``Codes`` with b planes and the 2^b-entry codebook fp32(σ·ℓ_c) + μ: b + 2^b·32/n bits per parameter."""
         codes, lut, mu, bits = self._parts(enc, shape)
-        if bits != 1:
-            return Dense((lut[codes] + mu).reshape(shape).to(device))
-        rows = shape[0] if shape else 1
-        cols = math.prod(tuple(shape[1:]))
-        if cols % 8 == 0:
-            packed = enc.tensors["codes"].reshape(rows, cols // 8)
-        else:
-            packed = torch.from_numpy(np.packbits(codes.to(torch.uint8).numpy().reshape(rows, cols), axis=1,
-                                                  bitorder="little"))
-        return SignBits(packed.to(device), lut[1:].expand(rows).to(device), mu.expand(rows).to(device),
-                        tuple(shape))
+        book = (lut + mu).reshape(1, 1 << bits)  # the decode's own two fp32 steps, once per level
+        if bits == 1:
+            return Codes(sign_plane(enc.tensors["codes"], codes, tuple(shape)), book, tuple(shape)).to(device)
+        return codes_layout(codes, bits, book, tuple(shape)).to(device)

@@ -26,7 +26,7 @@ Scope: ≥2-D tensors; names containing "embed" stay dense (resized vocabularies
 
 Storage: ``signs`` packed LSB-first over the flattened tensor (row-major (shape[0], prod(shape[1:])) view,
 bit 1 = +1), ceil(n/8) bytes, and ``scale`` fp32 (1,): 1 + 32/n bits per parameter. Meta ``scale_source``
-(mean_abs|distilled). to_resident gives SignBits (per-row scales expanded from s, zero offsets).
+(mean_abs|distilled). to_resident gives ``Codes`` (b = 1, codebook [−s, +s]): 1 + 64/n bits per parameter.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import torch
 from deltahub.calibration import require
 from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded
 from deltahub.errors import CodecConfigError
-from deltahub.kernels.layouts import SignBits
+from deltahub.kernels.layouts import Codes
+from deltahub.kernels.pack import sign_plane
 from deltahub.plugins.binary import unpack_codes
 
 
@@ -118,14 +119,7 @@ class BitdeltaCodec(Codec):
         bits, s = self._parts(enc, shape)
         return torch.where(bits.bool(), s, -s).reshape(shape)
 
-    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SignBits:
+    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> Codes:
         bits, s = self._parts(enc, shape)
-        rows = shape[0] if shape else 1
-        cols = math.prod(tuple(shape[1:]))
-        if cols % 8 == 0:  # rows are whole bytes: the stored stream is already the row layout
-            packed = enc.tensors["signs"].reshape(rows, cols // 8)
-        else:
-            packed = torch.from_numpy(np.packbits(bits.to(torch.uint8).numpy().reshape(rows, cols), axis=1,
-                                                  bitorder="little"))
-        return SignBits(packed.to(device), s.expand(rows).to(device), torch.zeros(1).expand(rows).to(device),
-                        tuple(shape))
+        book = torch.cat([-s, s]).reshape(1, 2)  # bit 1 = [Δ ≥ 0] selects the upper level
+        return Codes(sign_plane(enc.tensors["signs"], bits, tuple(shape)), book, tuple(shape)).to(device)

@@ -29,7 +29,8 @@ from pydantic import Field, field_validator
 
 from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded
 from deltahub.entropy import decode_positions, encode_positions, pack_signs, unpack_signs
-from deltahub.kernels.layouts import SparseCOO
+from deltahub.kernels.layouts import SparseRows, TernaryMask
+from deltahub.kernels.pack import ternary_layout
 
 _HI_SHIFT = 15  # fp32 |τ| bit patterns are monotonic; split them 16 + 15 bits for a two-level histogram
 
@@ -148,6 +149,7 @@ class CompeftCodec(Codec):
         out[positions] = signs.to(torch.float32) * scale
         return out.reshape(shape)
 
-    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SparseCOO:
-        positions, signs, scale = self._parts(enc, shape)
-        return SparseCOO(positions.to(device), signs.to(device), scale, tuple(shape))
+    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> TernaryMask | SparseRows:
+        """A mask plane + the stored sign stream (1 + d bits/param), or CSR with int8 signs when d < ~4%."""
+        positions, _, scale = self._parts(enc, shape)
+        return ternary_layout(positions, enc.tensors["signs"], scale, tuple(shape)).to(device)

@@ -38,7 +38,8 @@ from pydantic import Field
 
 from deltahub.codecs import Codec, CodecConfig, Encoded
 from deltahub.entropy import decode_positions, encode_positions
-from deltahub.kernels.layouts import SparseCOO
+from deltahub.kernels.layouts import SparseRows
+from deltahub.kernels.pack import sparse_rows
 
 _CHUNK = 1 << 22  # raw words drawn per step (32 MB): bounds memory; the stream is the same in one piece
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -128,8 +129,7 @@ class DareCodec(Codec):
         out[pos] = values.float() * scale
         return out.reshape(shape)
 
-    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SparseCOO:
+    def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SparseRows:
+        """CSR: int32 row pointers, uint16 columns, the stored values at their own dtype (16 + 16 bits each)."""
         pos, values, scale = self._parts(enc, shape)
-        if values.dtype == torch.bfloat16:  # the sparse kernels take fp32 or fp16 values
-            values = values.float()
-        return SparseCOO(pos.to(device), values.to(device), float(scale), tuple(shape))
+        return sparse_rows(pos, values, float(scale), tuple(shape)).to(device)
