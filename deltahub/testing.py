@@ -1,4 +1,4 @@
-"""Contract tests every codec runs, built-in or third-party (like fsspec's abstract test suites).
+"""Contract tests every codec and resident layout runs, built-in or third-party (like fsspec's abstract suites).
 
 A plugin author subclasses :class:`CodecContract` in their own test suite::
 
@@ -7,6 +7,9 @@ A plugin author subclasses :class:`CodecContract` in their own test suite::
     class TestTernary(CodecContract):
         codec_name = "ternary"
         configs = [{"density": 0.1}]
+
+Its ``to_resident`` output goes through :func:`check_layout`: every kernel operation on every CPU backend
+against the plain-torch reference (``deltahub.kernels.reference``).
 
 Requires pytest (imported here, never by ``import deltahub``).
 """
@@ -21,7 +24,9 @@ import torch
 
 from deltahub.codecs import Codec, CodecConfig, Encoded, get_codec
 from deltahub.compressing import fit_one
-from deltahub.kernels import apply_, to_dense
+from deltahub.kernels import LAYOUTS, Dense, LowRank, Resident, apply_, delta_matmul, to_dense
+from deltahub.kernels import reference as ref
+from deltahub.kernels.pack import codes_layout, pack_rows, sparse_rows, ternary_mask
 
 SHAPES = [(33, 17), (64, 48), (5, 3, 7), (8, 3, 3, 3), (1, 1), (0, 4), (4, 0), (300,)]
 
@@ -38,6 +43,109 @@ def pico_pair(tmp: Path, *, seed: int = 0, scale: float = 0.02) -> tuple[Path, P
     save_file(base, str(tmp / "base.safetensors"))
     save_file(ft, str(tmp / "ft.safetensors"))
     return tmp / "base.safetensors", tmp / "ft.safetensors"
+
+
+LAYOUT_KINDS = ("dense", "dense64", "codes1", "codes2", "codes3", "codes_rows", "mask", "csr", "csr_int8",
+                "lowrank", "lowrank_t")
+CPU_BACKENDS = ("torch", "compiled")
+
+
+def random_layout(kind: str, shape: tuple[int, ...], *, seed: int = 0, density: float = 0.3) -> Resident:
+    """A random resident layout of ``kind`` (one of ``LAYOUT_KINDS``) and ``shape``, for kernel tests."""
+    from deltahub.kernels.layouts import matrix_shape
+
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = matrix_shape(shape)
+    n = rows * cols
+    if kind in ("dense", "dense64"):
+        return Dense(torch.randn(shape, generator=g, dtype=torch.float64 if kind == "dense64" else torch.float32))
+    if kind.startswith("codes"):
+        bits = 1 if kind == "codes_rows" else int(kind[-1])
+        book = torch.randn(rows if kind == "codes_rows" else 1, 1 << bits, generator=g).sort(dim=1).values
+        return codes_layout(torch.randint(0, 1 << bits, (n,), generator=g), bits, book, shape)
+    positions = torch.nonzero(torch.rand(n, generator=g) < density).reshape(-1)
+    scale = float(torch.rand(1, generator=g)) + 0.1
+    if kind == "mask":
+        neg = torch.rand(positions.numel(), generator=g) < 0.5
+        return ternary_mask(positions, pack_rows(neg.reshape(1, -1)).reshape(-1), scale, shape)
+    if kind.startswith("csr"):
+        if kind == "csr_int8":
+            values = (torch.randint(0, 2, (positions.numel(),), generator=g) * 2 - 1).to(torch.int8)
+        else:
+            values = torch.randn(positions.numel(), generator=g).to(torch.float16)
+        return sparse_rows(positions, values, scale, shape)
+    rank = 3
+    if kind == "lowrank":
+        return LowRank(torch.randn(rank, cols, generator=g), torch.randn(rows, rank, generator=g).to(torch.float16),
+                       scale, shape)
+    return LowRank(torch.randn(rank, rows, generator=g), torch.randn(cols, rank, generator=g), scale, shape,
+                   transposed=True)
+
+
+def _backends() -> list[str]:
+    from deltahub.kernels import native
+
+    return [b for b in CPU_BACKENDS if b != "compiled" or native.library() is not None]
+
+
+def check_layout(layout: Resident, *, seed: int = 0) -> None:
+    """Every CPU backend of ``apply_`` and ``delta_matmul`` on ``layout`` against the reference.
+
+    ``apply_`` is bit-exact (value-equal) but for ``LowRank``, whose matmul sums in the BLAS's order;
+    ``delta_matmul`` agrees within 1e-5 relative (fp32), 1e-2 (fp16/bf16 outputs).
+    """
+    assert isinstance(layout, LAYOUTS), f"{type(layout).__name__} is not a resident layout"
+    layout.validate()
+    assert layout == layout.to("cpu")
+    dense = to_dense(layout)
+    assert tuple(dense.shape) == tuple(layout.shape) and dense.dtype in (torch.float32, torch.float64)
+    assert bool(torch.isfinite(dense).all())
+    g = torch.Generator().manual_seed(seed)
+    exact = not isinstance(layout, LowRank)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for alpha in (1.0, -0.37):
+            w = torch.randn(layout.shape, generator=g).to(dtype)
+            want = ref.apply_(w.clone(), layout, alpha)
+            for backend in _backends():
+                got = apply_(w.clone(), layout, alpha=alpha, backend=backend)
+                _close(got, want, exact, f"apply_ {backend} {dtype} alpha={alpha}")
+                if w.dim() == 2 and min(w.shape) > 1:  # a non-contiguous weight (a transposed view)
+                    wt = w.t().contiguous().t()
+                    _close(apply_(wt, layout, alpha=alpha, backend=backend), want, exact, f"apply_ {backend} view")
+    rows, cols = layout.matrix
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(3, cols, generator=g).to(dtype)
+        out = torch.randn(3, rows, generator=g).to(dtype)
+        want = ref.delta_matmul(x, layout, 0.5, out=out.clone())
+        for backend in _backends():
+            got = delta_matmul(x, layout, alpha=0.5, out=out.clone(), backend=backend)
+            _close(got, want, False, f"delta_matmul {backend} {dtype}")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, exact: bool, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if exact:
+        assert torch.equal(got, want), f"{what}: max |diff| {(got.double() - want.double()).abs().max():.3g}"
+        return
+    if got.numel() == 0:
+        return
+    tol = 1e-5 if got.dtype in (torch.float32, torch.float64) else 1e-2
+    scale = want.double().abs().max().clamp_min(1.0)
+    err = (got.double() - want.double()).abs().max() / scale
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+class LayoutContract:
+    """Checks for a resident layout factory: subclass and set ``make`` (shape, seed) -> layout."""
+
+    shapes: ClassVar[list[tuple[int, ...]]] = [(33, 17), (5, 3, 7), (1, 1), (0, 4), (4, 0), (1, 130), (300,), ()]
+
+    def make(self, shape: tuple[int, ...], seed: int) -> Resident:
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("shape", shapes, ids=str)
+    def test_layout_matches_reference(self, shape: tuple[int, ...]) -> None:
+        check_layout(self.make(shape, 0))
 
 
 class CodecContract:
@@ -118,6 +226,13 @@ class CodecContract:
         expected = (w.to(dec.dtype) + dec).to(dtype)
         got = apply_(w.clone(), res)
         assert torch.allclose(got.double(), expected.double(), rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    def test_resident_layout_contract(self, setup: tuple[Codec, CodecConfig], shape: tuple[int, ...]) -> None:
+        codec, config = setup
+        if not codec.accepts("t", shape, config):
+            pytest.skip(f"{codec.name} leaves {shape} to dense")
+        check_layout(codec.to_resident(self.encode(codec, config, self.delta(shape, seed=7)), shape))
 
     def test_artifact_round_trip(self, setup: tuple[Codec, CodecConfig], tmp_path: Path) -> None:
         import deltahub

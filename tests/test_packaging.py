@@ -22,6 +22,11 @@ def test_import_deltahub_stays_light() -> None:
     assert out.strip() == "[]"
 
 
+def test_kernels_import_no_triton() -> None:
+    out = _run("import sys, deltahub.kernels; print('triton' in sys.modules)")
+    assert out.strip() == "False"
+
+
 def test_cli_help_does_not_import_torch() -> None:
     out = _run("import sys\nfrom deltahub.cli import cli\ntry:\n    cli.main(['--help'], standalone_mode=False)\n"
                "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'triton' in sys.modules)")
@@ -49,5 +54,5 @@ def test_wheel_holds_only_deltahub(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"deltahub", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for sub in ("plugins/compeft.py", "kernels/apply.py", "registry/api.py", "cli/core.py"):
+    for sub in ("plugins/compeft.py", "kernels/apply.py", "kernels/cpu_kernels.c", "registry/api.py", "cli/core.py"):
         assert f"deltahub/{sub}" in names

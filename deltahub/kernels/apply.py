@@ -87,38 +87,51 @@ def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, backen
     if which == "compiled" and _compiled(weight, layout, float(alpha)):
         return weight
     with _one_thread():
-        _TORCH[type(layout)](weight, layout, float(alpha))
+        _torch_apply(weight, layout, float(alpha))
     return weight
 
 
 # ------------------------------------------------------------------------------------ compiled (C)
-def _compiled(w: torch.Tensor, layout: Resident, alpha: float) -> bool:
-    """Run the C kernel; False when it has none for this case (LowRank; fp64 Δ on half weights)."""
+def compiled_rows(w: torch.Tensor, layout: Resident, alpha: float, r0: int, r1: int, w_row0: int = 0) -> bool:
+    """Rows [r0, r1) of round(w + α·Δ) by the C kernels, ``w`` holding rows from ``w_row0`` on.
+
+    False when there is no C kernel for the case (LowRank; fp64 Δ on half weights; no compiler).
+    """
     lib = native.library()
     if lib is None or isinstance(layout, LowRank):
         return False
+    if r0 >= r1:
+        return True
     a, wdt, codes = native.addr, native.DTYPE_CODES[w.dtype], native.DTYPE_CODES
     rows, cols = layout.matrix
-    n = w.numel()
+    work = (r1 - r0) * cols
     if isinstance(layout, Dense):
         d = layout.values
         if d.dtype == torch.float64 and w.dtype not in (torch.float32, torch.float64):
             return False
-        native.run_split(lib.dh_apply_dense, n, n, (a(w), wdt, a(d), codes[d.dtype], ..., alpha))
+        off = (r0 - w_row0) * cols * w.element_size()  # dense works on elements, not rows
+        d_off = r0 * cols * d.element_size()
+        native.run_split(lib.dh_apply_dense, 0, work, work,
+                         (a(w) + off, wdt, a(d) + d_off, codes[d.dtype], ..., alpha))
     elif isinstance(layout, Codes):
-        native.run_split(lib.dh_apply_codes, rows, n, (a(w), wdt, rows, cols, ..., a(layout.planes), layout.bits,
-                                                       a(layout.codebook), layout.codebook.shape[0], alpha))
+        native.run_split(lib.dh_apply_codes, r0, r1, work, (a(w), w_row0, wdt, rows, cols, ..., a(layout.planes),
+                                                            layout.bits, a(layout.codebook),
+                                                            layout.codebook.shape[0], alpha))
     elif isinstance(layout, TernaryMask):
         rp = layout.row_ptr.to(torch.int64)
-        native.run_split(lib.dh_apply_mask, rows, n, (a(w), wdt, cols, ..., a(layout.mask), a(layout.signs),
-                                                      layout.signs.numel(), a(rp),
-                                                      layout.scale, alpha))
+        native.run_split(lib.dh_apply_mask, r0, r1, work, (a(w), w_row0, wdt, cols, ..., a(layout.mask),
+                                                           a(layout.signs), layout.signs.numel(), a(rp),
+                                                           layout.scale, alpha))
     else:
         rp = layout.row_ptr.to(torch.int64)
-        native.run_split(lib.dh_apply_csr, rows, n, (a(w), wdt, cols, ..., a(rp), a(layout.cols),
-                                                     codes[layout.cols.dtype], a(layout.values),
-                                                     codes[layout.values.dtype], layout.scale, alpha))
+        native.run_split(lib.dh_apply_csr, r0, r1, work, (a(w), w_row0, wdt, cols, ..., a(rp), a(layout.cols),
+                                                          codes[layout.cols.dtype], a(layout.values),
+                                                          codes[layout.values.dtype], layout.scale, alpha))
     return True
+
+
+def _compiled(w: torch.Tensor, layout: Resident, alpha: float) -> bool:
+    return compiled_rows(w, layout, alpha, 0, layout.matrix[0])
 
 
 # ------------------------------------------------------------------------------------------ torch
@@ -137,6 +150,57 @@ def unpack_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return out.view(torch.int8).view(m, -1)[:, :cols]
 
 
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def block_rows(layout: Resident) -> int:
+    """Rows per block: about CHUNK elements."""
+    return max(1, CHUNK // max(layout.matrix[1], 1))
+
+
+def block_term(layout: Resident, r0: int, r1: int, c: torch.dtype, alpha: float) -> torch.Tensor:
+    """Rows [r0, r1) of α·Δ₂ as a dense (r1 − r0, cols) tensor of dtype ``c``, computed as the reference does."""
+    rows, cols = layout.matrix
+    dev = layout.device
+    a = _scalar(alpha, c, dev)
+    if isinstance(layout, Dense):
+        return layout.values.reshape(rows, cols)[r0:r1].to(c) * a
+    if isinstance(layout, Codes):
+        table = layout.codebook.to(c) * a  # the reference's α·Δ, one product per code
+        tab = table[r0:r1] if table.shape[0] > 1 else table
+        if layout.bits == 1:
+            return torch.where(unpack_rows(layout.planes[0, r0:r1], cols).bool(), tab[:, 1:2], tab[:, 0:1])
+        code = sum(unpack_rows(layout.planes[j, r0:r1], cols).long() << j for j in range(layout.bits))
+        return torch.gather(tab.expand(r1 - r0, -1), 1, code)
+    if isinstance(layout, TernaryMask):
+        t = _scalar(layout.scale, torch.float32, dev).to(c) * a
+        k0, k1 = int(layout.row_ptr[r0]), int(layout.row_ptr[r1])
+        term = torch.zeros(r1 - r0, cols, dtype=c, device=dev)
+        if k1 > k0:
+            packed = layout.signs[k0 // 8:row_bytes(k1)].unsqueeze(0)
+            neg = unpack_rows(packed, packed.shape[1] * 8)[0, k0 % 8:k0 % 8 + (k1 - k0)].bool()
+            term.masked_scatter_(unpack_rows(layout.mask[r0:r1], cols).bool(), torch.where(neg, -t, t))
+        return term
+    if isinstance(layout, SparseRows):
+        row, col, k0, k1 = _csr_block(layout, r0, r1)
+        term = torch.zeros(r1 - r0, cols, dtype=c, device=dev)
+        term[row - r0, col] = (layout.values[k0:k1].to(torch.float32) * _scalar(layout.scale, torch.float32, dev)
+                               ).to(c) * a
+        return term
+    cl = layout.compute_dtype
+    A, B = layout.A.to(cl), layout.B.to(cl)
+    d = A[:, r0:r1].T @ B.T if layout.transposed else B[r0:r1] @ A
+    return (_scalar(layout.scale, cl, dev) * d).to(c) * a
+
+
+def _csr_block(layout: SparseRows, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    ptr = layout.row_ptr.long()
+    k0, k1 = int(ptr[r0]), int(ptr[r1])
+    row = torch.repeat_interleave(torch.arange(r0, r1, device=ptr.device), ptr[r0 + 1:r1 + 1] - ptr[r0:r1])
+    return row, layout.cols[k0:k1].to(torch.int32).long(), k0, k1
+
+
 def _add_rows(w2: torch.Tensor, r0: int, r1: int, term: torch.Tensor) -> None:
     """w2[r0:r1] ← round(w2[r0:r1] + term), term already in the compute dtype."""
     block = w2[r0:r1]
@@ -146,95 +210,32 @@ def _add_rows(w2: torch.Tensor, r0: int, r1: int, term: torch.Tensor) -> None:
         block.copy_(block.to(term.dtype).add_(term))
 
 
-def _steps(rows: int, cols: int) -> range:
-    return range(0, rows, max(1, CHUNK // max(cols, 1)))
-
-
-def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-def _torch_dense(w: torch.Tensor, layout: Dense, alpha: float) -> None:
+def _torch_apply(w: torch.Tensor, layout: Resident, alpha: float) -> None:
+    rows, cols = layout.matrix
     c = compute_dtype(w.dtype, layout.compute_dtype)
-    flat, d = w.view(-1), layout.values.reshape(-1)
-    if alpha == 1.0 and w.dtype == c == d.dtype:
-        flat.add_(d)  # one rounding, no temporaries
+    w2 = w.view(rows, cols)
+    if isinstance(layout, Dense) and alpha == 1.0 and w.dtype == c == layout.values.dtype:
+        w.add_(layout.values)  # one rounding, no temporaries
         return
-    a = _scalar(alpha, c, w.device)
-    for s in range(0, flat.numel(), CHUNK):
-        t = d[s:s + CHUNK].to(c) if alpha == 1.0 else d[s:s + CHUNK].to(c) * a
-        _add_rows(flat, s, s + t.numel(), t)
-
-
-def _torch_codes(w: torch.Tensor, layout: Codes, alpha: float) -> None:
-    rows, cols = layout.matrix
-    c = compute_dtype(w.dtype, layout.compute_dtype)
-    w2 = w.view(rows, cols)
-    table = layout.codebook.to(c) * _scalar(alpha, c, w.device)  # the reference's α·Δ, one product per code
-    per_row = table.shape[0] > 1
-    for r0 in _steps(rows, cols):
-        r1 = min(rows, r0 + max(1, CHUNK // max(cols, 1)))
-        tab = table[r0:r1] if per_row else table
-        if layout.bits == 1:
-            bit = unpack_rows(layout.planes[0, r0:r1], cols).bool()
-            term = torch.where(bit, tab[:, 1:2], tab[:, 0:1])
+    step = block_rows(layout)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if isinstance(layout, SparseRows):
+            _csr_add(w2, layout, r0, r1, c, alpha)
         else:
-            code = sum(unpack_rows(layout.planes[j, r0:r1], cols).long() << j for j in range(layout.bits))
-            term = torch.gather(tab, 1, code) if per_row else tab[0][code]
-        _add_rows(w2, r0, r1, term)
+            _add_rows(w2, r0, r1, block_term(layout, r0, r1, c, alpha))
 
 
-def _torch_mask(w: torch.Tensor, layout: TernaryMask, alpha: float) -> None:
-    rows, cols = layout.matrix
-    c = compute_dtype(w.dtype, layout.compute_dtype)
-    w2, ptr = w.view(rows, cols), layout.row_ptr.tolist()
-    t = _scalar(layout.scale, torch.float32, w.device).to(c) * _scalar(alpha, c, w.device)
-    step = max(1, CHUNK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        k0, k1 = ptr[r0], ptr[r1]
-        if k0 == k1:
-            continue
-        packed = layout.signs[k0 // 8:row_bytes(k1)].unsqueeze(0)
-        neg = unpack_rows(packed, packed.shape[1] * 8)[0, k0 % 8:k0 % 8 + (k1 - k0)].bool()
-        term = torch.zeros(r1 - r0, cols, dtype=c, device=w.device)
-        term.masked_scatter_(unpack_rows(layout.mask[r0:r1], cols).bool(), torch.where(neg, -t, t))
-        _add_rows(w2, r0, r1, term)
-
-
-def _torch_csr(w: torch.Tensor, layout: SparseRows, alpha: float) -> None:
-    rows, cols = layout.matrix
-    c = compute_dtype(w.dtype, layout.compute_dtype)
-    flat, ptr = w.view(-1), layout.row_ptr.long()
-    s, a = _scalar(layout.scale, torch.float32, w.device), _scalar(alpha, c, w.device)
-    step = max(1, CHUNK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        k0, k1 = int(ptr[r0]), int(ptr[r1])
-        if k0 == k1:
-            continue
-        row = torch.repeat_interleave(torch.arange(r0, r1, device=w.device), ptr[r0 + 1:r1 + 1] - ptr[r0:r1])
-        idx = row * cols + layout.cols[k0:k1].to(torch.int32).long()
-        term = (layout.values[k0:k1].to(torch.float32) * s).to(c) * a  # Δ in fp32, then α·Δ
-        if flat.dtype == c:
-            flat.index_add_(0, idx, term)  # unique indices: each element w + t, rounded once
-        else:
-            flat.index_copy_(0, idx, flat.index_select(0, idx).to(c).add_(term).to(flat.dtype))
-
-
-def _torch_lowrank(w: torch.Tensor, layout: LowRank, alpha: float) -> None:
-    rows, cols = layout.matrix
-    cl = layout.compute_dtype
-    c = compute_dtype(w.dtype, cl)
-    w2 = w.view(rows, cols)
-    s, a = _scalar(layout.scale, cl, w.device), _scalar(alpha, c, w.device)
-    A, B = layout.A.to(cl), layout.B.to(cl)
-    step = max(1, CHUNK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        d = A[:, r0:r1].T @ B.T if layout.transposed else B[r0:r1] @ A
-        _add_rows(w2, r0, r1, (s * d).to(c) * a)
-
-
-_TORCH = {Dense: _torch_dense, Codes: _torch_codes, TernaryMask: _torch_mask, SparseRows: _torch_csr,
-          LowRank: _torch_lowrank}
+def _csr_add(w2: torch.Tensor, layout: SparseRows, r0: int, r1: int, c: torch.dtype, alpha: float) -> None:
+    """A CSR block by index_add (touches nnz entries, not the whole block)."""
+    row, col, k0, k1 = _csr_block(layout, r0, r1)
+    if k0 == k1:
+        return
+    flat, cols = w2.view(-1), layout.matrix[1]
+    idx = row * cols + col
+    s = _scalar(layout.scale, torch.float32, w2.device)
+    term = (layout.values[k0:k1].to(torch.float32) * s).to(c) * _scalar(alpha, c, w2.device)
+    if flat.dtype == c:
+        flat.index_add_(0, idx, term)  # unique indices: each element w + t, rounded once
+    else:
+        flat.index_copy_(0, idx, flat.index_select(0, idx).to(c).add_(term).to(flat.dtype))

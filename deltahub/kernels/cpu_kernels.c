@@ -6,8 +6,9 @@
  * once into the weight's type. -ffp-contract=off keeps the compiler from fusing the product into the sum
  * (an FMA would round once where the reference rounds twice).
  *
- * Each function handles rows [r0, r1) (elements [r0, r1) for dense) so Python can split the work across
- * threads; ctypes releases the GIL during the call.
+ * Each function handles rows [r0, r1) (elements [i0, i1) for dense) so Python can split the work across
+ * threads; ctypes releases the GIL during the call. ``w`` points at row ``wr0`` of the destination (0 for
+ * an apply; r0 when decoding a block of rows into a buffer for a matmul).
  */
 #include <stdint.h>
 #include <string.h>
@@ -42,7 +43,7 @@ static inline double ld_f32d(const float *p, int64_t i) { return (double)p[i]; }
 /* One byte of every plane covers 8 columns: the inner loop over those 8 is branch-free (selects, table
  * reads from a 256-entry table in L1) so the compiler vectorizes it. */
 #define DEFINE_CODES(SUF, WT, LD, ST, CT)                                                                  \
-    static void codes_##SUF(WT *w, int64_t rows, int64_t cols, int64_t r0, int64_t r1,                       \
+    static void codes_##SUF(WT *w, int64_t wr0, int64_t rows, int64_t cols, int64_t r0, int64_t r1,                       \
                             const uint8_t *planes, int bits, const float *book, int64_t book_rows,            \
                             double alpha) {                                                                   \
         const int64_t rb = (cols + 7) / 8, whole = cols / 8, plane_stride = rows * rb;                        \
@@ -53,7 +54,7 @@ static inline double ld_f32d(const float *p, int64_t i) { return (double)p[i]; }
                 const float *cb = book + (book_rows == 1 ? 0 : r) * ncode;                                    \
                 for (int c = 0; c < ncode; ++c) table[c] = (CT)cb[c] * (CT)alpha;                             \
             }                                                                                                 \
-            WT *wr = w + r * cols;                                                                            \
+            WT *wr = w + (r - wr0) * cols;                                                                            \
             const uint8_t *p0 = planes + r * rb;                                                              \
             if (bits == 1) {                                                                                  \
                 const CT t0 = table[0], t1 = table[1];                                                        \
@@ -124,14 +125,14 @@ static inline uint64_t deposit(uint64_t bits, uint64_t mask) {
 }
 #endif
 #define DEFINE_MASK(SUF, WT, LD, ST, CT)                                                                   \
-    static void mask_##SUF(WT *w, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,                 \
+    static void mask_##SUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,                 \
                            const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale,    \
                            double alpha) {                                                                    \
         const int64_t rb = (cols + 7) / 8;                                                                    \
         const CT t = (CT)(float)scale * (CT)alpha; /* Delta = +-fp32(scale), exact; then one product */       \
         const CT zero = 0;                                                                                    \
         for (int64_t r = r0; r < r1; ++r) {                                                                   \
-            WT *wr = w + r * cols;                                                                            \
+            WT *wr = w + (r - wr0) * cols;                                                                            \
             const uint8_t *mr = mask + r * rb;                                                                \
             int64_t k = row_ptr[r];                                                                           \
             for (int64_t c0 = 0; c0 < cols; c0 += 64) {                                                       \
@@ -159,14 +160,14 @@ static inline uint64_t deposit(uint64_t bits, uint64_t mask) {
 
 /* ----------------------------------------------------------------- SparseRows: CSR, 16/32-bit columns */
 #define DEFINE_CSR(SUF, WT, LD, ST, CT, VSUF, VT, VLD)                                                     \
-    static void csr_##SUF##_##VSUF(WT *w, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,      \
+    static void csr_##SUF##_##VSUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,      \
                                    const void *colidx, int col16, const VT *values, double scale,            \
                                    double alpha) {                                                            \
         const float s = (float)scale;                                                                         \
         const uint16_t *c16 = (const uint16_t *)colidx;                                                       \
         const int32_t *c32 = (const int32_t *)colidx;                                                         \
         for (int64_t r = r0; r < r1; ++r) {                                                                   \
-            WT *wr = w + r * cols;                                                                            \
+            WT *wr = w + (r - wr0) * cols;                                                                            \
             for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {                                           \
                 const int64_t c = col16 ? (int64_t)c16[k] : (int64_t)c32[k];                                  \
                 const float d = VLD(values, k) * s; /* Delta in fp32, as the layout computes it */            \
@@ -236,7 +237,7 @@ static inline void v_st(int wdt, void *p, __mmask16 k, __m512 v) {
 static inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 static inline unsigned load16(const uint8_t *p, int64_t avail) { return avail >= 2 ? p[0] | (unsigned)p[1] << 8 : p[0]; }
 
-static int codes_avx512(void *w, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
+static int codes_avx512(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
                         const uint8_t *planes, int bits, const float *book, int64_t book_rows, double alpha) {
     const int64_t rb = (cols + 7) / 8, stride = rows * rb, es = wdt == DT_F32 ? 4 : 2;
     float table[16] = {0};
@@ -246,7 +247,7 @@ static int codes_avx512(void *w, int wdt, int64_t rows, int64_t cols, int64_t r0
             for (int c = 0; c < 1 << bits; ++c) table[c] = cb[c] * (float)alpha;
         }
         const __m512 t = _mm512_loadu_ps(table);
-        char *wr = (char *)w + r * cols * es;
+        char *wr = (char *)w + (r - wr0) * cols * es;
         const uint8_t *p0 = planes + r * rb;
         for (int64_t c0 = 0; c0 < cols; c0 += 16) {
             __m512i code = _mm512_setzero_si512();
@@ -261,13 +262,13 @@ static int codes_avx512(void *w, int wdt, int64_t rows, int64_t cols, int64_t r0
     return 0;
 }
 
-static int mask_avx512(void *w, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
+static int mask_avx512(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
                        const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale, double alpha) {
     const int64_t rb = (cols + 7) / 8, es = wdt == DT_F32 ? 4 : 2;
     const float tv = (float)scale * (float)alpha;
     const __m512 plus = _mm512_set1_ps(tv), minus = _mm512_set1_ps(-tv);
     for (int64_t r = r0; r < r1; ++r) {
-        char *wr = (char *)w + r * cols * es;
+        char *wr = (char *)w + (r - wr0) * cols * es;
         const uint8_t *mr = mask + r * rb;
         int64_t k = row_ptr[r];
         for (int64_t c0 = 0; c0 < cols; c0 += 64) {
@@ -298,30 +299,30 @@ static int mask_avx512(void *w, int wdt, int64_t cols, int64_t r0, int64_t r1, c
         default: return -1;                                \
     }
 
-int dh_apply_codes(void *w, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const uint8_t *planes,
+int dh_apply_codes(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const uint8_t *planes,
                    int bits, const float *book, int64_t book_rows, double alpha) {
     if (bits < 1 || bits > 8) return -2;
 #ifdef HAVE_AVX512
-    if (bits <= 4 && wdt != DT_F64) return codes_avx512(w, wdt, rows, cols, r0, r1, planes, bits, book, book_rows, alpha);
+    if (bits <= 4 && wdt != DT_F64) return codes_avx512(w, wr0, wdt, rows, cols, r0, r1, planes, bits, book, book_rows, alpha);
 #endif
-#define CALL_CODES(S, T) codes_##S((T *)w, rows, cols, r0, r1, planes, bits, book, book_rows, alpha)
+#define CALL_CODES(S, T) codes_##S((T *)w, wr0, rows, cols, r0, r1, planes, bits, book, book_rows, alpha)
     DISPATCH_W(wdt, CALL_CODES)
 }
 
-int dh_apply_mask(void *w, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
+int dh_apply_mask(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
                   const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale, double alpha) {
 #ifdef HAVE_AVX512
-    if (wdt != DT_F64) return mask_avx512(w, wdt, cols, r0, r1, mask, signs, sign_bytes, row_ptr, scale, alpha);
+    if (wdt != DT_F64) return mask_avx512(w, wr0, wdt, cols, r0, r1, mask, signs, sign_bytes, row_ptr, scale, alpha);
 #endif
-#define CALL_MASK(S, T) mask_##S((T *)w, cols, r0, r1, mask, signs, sign_bytes, row_ptr, scale, alpha)
+#define CALL_MASK(S, T) mask_##S((T *)w, wr0, cols, r0, r1, mask, signs, sign_bytes, row_ptr, scale, alpha)
     DISPATCH_W(wdt, CALL_MASK)
 }
 
-int dh_apply_csr(void *w, int wdt, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,
+int dh_apply_csr(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,
                  const void *colidx, int cdt, const void *values, int vdt, double scale, double alpha) {
     if (cdt != DT_U16 && cdt != DT_I32) return -2;
     const int col16 = cdt == DT_U16;
-#define CSR_V(S, T, VS, VT) csr_##S##_##VS((T *)w, cols, r0, r1, row_ptr, colidx, col16, (const VT *)values, scale, alpha)
+#define CSR_V(S, T, VS, VT) csr_##S##_##VS((T *)w, wr0, cols, r0, r1, row_ptr, colidx, col16, (const VT *)values, scale, alpha)
 #define CALL_CSR(S, T)                                              \
     switch (vdt) {                                                  \
         case DT_F32: CSR_V(S, T, f32, float); break;                \
@@ -350,4 +351,4 @@ int dh_apply_dense(void *w, int wdt, const void *d, int ddt, int64_t i0, int64_t
     DISPATCH_W(wdt, CALL_DENSE)
 }
 
-int dh_abi_version(void) { return 2; }
+int dh_abi_version(void) { return 3; }

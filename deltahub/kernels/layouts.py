@@ -281,7 +281,7 @@ class SparseRows(_Layout):
 
     def _check_contents(self) -> None:
         super()._check_contents()
-        rows, ncols = self.matrix
+        ncols = self.matrix[1]
         c = self.cols.long() if self.cols.dtype != torch.uint16 else self.cols.to(torch.int32).long()
         if c.numel() and (int(c.min()) < 0 or int(c.max()) >= ncols):
             _fail("SparseRows", f"a column index is outside [0, {ncols})")

@@ -42,9 +42,9 @@ MIN_SPLIT = 1 << 18  # elements per thread below which splitting costs more than
 _state: dict[str, Any] = {}
 i64, f64, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "dh_apply_codes": [ptr, cint, i64, i64, i64, i64, ptr, cint, ptr, i64, f64],
-    "dh_apply_mask": [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr, f64, f64],
-    "dh_apply_csr": [ptr, cint, i64, i64, i64, ptr, ptr, cint, ptr, cint, f64, f64],
+    "dh_apply_codes": [ptr, i64, cint, i64, i64, i64, i64, ptr, cint, ptr, i64, f64],
+    "dh_apply_mask": [ptr, i64, cint, i64, i64, i64, ptr, ptr, i64, ptr, f64, f64],
+    "dh_apply_csr": [ptr, i64, cint, i64, i64, i64, ptr, ptr, cint, ptr, cint, f64, f64],
     "dh_apply_dense": [ptr, cint, ptr, cint, i64, i64, f64],
 }
 
@@ -64,11 +64,14 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    """$CC when set (and only it), else cc, gcc or clang on PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _build(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"deltahub_cpu_{key}.so"
@@ -79,7 +82,8 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
             raise OSError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
         os.replace(tmp, lib)
@@ -97,7 +101,7 @@ def library() -> ctypes.CDLL | None:
     lib, reason = None, None
     cc = _compiler()
     if cc is None:
-        reason = "no C compiler found (set CC, or install gcc)"
+        reason = f"no C compiler found ({'CC=' + os.environ['CC'] if os.environ.get('CC') else 'cc, gcc, clang'})"
     else:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
@@ -123,10 +127,12 @@ def _pool() -> ThreadPoolExecutor:
     return _state["pool"]
 
 
-def run_split(fn: Any, units: int, work: int, args: tuple[Any, ...]) -> None:
-    """Call ``fn(*args, start, stop)`` over [0, units) in up to ``torch.get_num_threads()`` parts."""
+def run_split(fn: Any, lo: int, hi: int, work: int, args: tuple[Any, ...]) -> None:
+    """Call ``fn(*args)`` with the ``...`` in ``args`` replaced by (start, stop), over [lo, hi) in up to
+    ``torch.get_num_threads()`` parts (ctypes releases the GIL, so the parts run in parallel)."""
+    units = hi - lo
     parts = max(1, min(torch.get_num_threads(), units, work // MIN_SPLIT))
-    bounds = [units * i // parts for i in range(parts + 1)]
+    bounds = [lo + units * i // parts for i in range(parts + 1)]
     calls = [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
     if len(calls) == 1:
         _check(fn(*_place(args, *calls[0])))

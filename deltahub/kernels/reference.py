@@ -39,10 +39,11 @@ def to_dense(layout: Resident) -> torch.Tensor:
     if isinstance(layout, TernaryMask):
         kept = _bits(layout.mask, cols).reshape(-1)
         zero = torch.zeros((), dtype=c, device=layout.device)
-        if layout.nnz == 0:
+        nbits = 8 * layout.signs.numel()  # shapes only, no .item(): runs on any device, meta included
+        if nbits == 0:
             return torch.zeros(layout.shape, dtype=c, device=layout.device)
-        rank = (torch.cumsum(kept, 0) - 1).clamp(0, layout.nnz - 1)  # k of the k-th kept entry, row-major
-        sign = _bits(layout.signs, layout.nnz)[rank]
+        rank = (torch.cumsum(kept, 0) - 1).clamp(0, nbits - 1)  # k of the k-th kept entry, row-major
+        sign = _bits(layout.signs, nbits)[rank]
         value = torch.tensor(layout.scale, dtype=c, device=layout.device) * (1 - 2 * sign).to(c)
         return torch.where(kept.bool(), value, zero).reshape(layout.shape)
     if isinstance(layout, SparseRows):
