@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("DELTAHUB_LOAD_PLUGINS", "")  # installed third-party codecs must not reach the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches the internet; Hub tests use a local server
 os.environ.setdefault("DELTAHUB_NO_PROGRESS", "1")
+# Triton kernels run in the interpreter on CPU-only machines; this must be set before triton is imported
+# (on a machine with CUDA the same tests run the compiled kernels on the GPU instead).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 # one compiled copy of the CPU kernels for the whole run (each test has its own DELTAHUB_HOME)
 os.environ.setdefault("DELTAHUB_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), f"deltahub-kernels-{os.getuid()}"))
 
