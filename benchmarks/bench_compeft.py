@@ -10,10 +10,7 @@ Prints markdown (header + one table per benchmark) for BENCHMARKS.md:
 1. **Size**: bits/param of ``compeft`` on a 4096 x 4096 Gaussian delta (random top-k mask, the worst
    case) through the real codec, counting every payload byte (q, r, signs, scale), against the
    entropy bound H_b(d) + d. Target: within 3% at d = 0.05, 0.1, 0.2.
-2. **Decode + apply** into a 4096 x 4096 weight (fp32 and bf16) against a plain dense
-   ``weight.add_(delta)`` timed in the same rounds: the resident ``SparseCOO`` (serving path), the
-   whole path from the stored payload (entropy decode + apply), and a 1-bit ``SignBits`` layout.
-   Target: >= 0.5x the dense add's speed for the resident layouts.
+2. (moved) CPU apply of every resident layout: ``benchmarks/bench_kernels.py``.
 3. **Encode**: ``compeft`` encode throughput, and ``deltahub.compress`` end to end on the real
    all-MiniLM-L6-v2 against a synthetic fine-tune (base + 0.01 N(0, 1)).
 """
@@ -21,7 +18,6 @@ Prints markdown (header + one table per benchmark) for BENCHMARKS.md:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -32,19 +28,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+from _common import header, interleaved, mark, median, table
 
-from _common import header, interleaved, mark, median, table  # noqa: E402
-from deltahub.codecs import get_codec  # noqa: E402
-from deltahub.entropy import entropy_bound  # noqa: E402
-from deltahub.kernels.apply import apply_, to_dense  # noqa: E402
-from deltahub.kernels.layouts import SignBits  # noqa: E402
+from deltahub.codecs import get_codec
+from deltahub.entropy import entropy_bound
 
 SIZE_DENSITIES = (0.01, 0.05, 0.1, 0.2)
 SIZE_TARGET_AT = (0.05, 0.1, 0.2)
 SIZE_TARGET = 1.03  # bits/param <= 1.03 x (H_b(d) + d)
-APPLY_DENSITIES = (0.05, 0.1)
-APPLY_TARGET = 0.5  # >= 0.5 x the speed of a dense weight.add_(delta)
 ENCODE_DENSITY = 0.1
 MINILM_NOISE = 0.01
 
@@ -82,90 +74,6 @@ def bench_size(shape: tuple[int, int]) -> tuple[str, bool]:
     return text, ok
 
 
-# -------------------------------------------------------------------------------------- 2. decode+apply
-def signbits_layout(shape: tuple[int, int], seed: int = 1) -> SignBits:
-    g = torch.Generator().manual_seed(seed)
-    rows, cols = shape
-    bits = torch.randint(0, 256, (rows, (cols + 7) // 8), dtype=torch.uint8, generator=g)
-    scale = torch.rand(rows, generator=g) * 0.01 + 0.001  # per-row scale (BitDelta uses one per matrix)
-    return SignBits(bits, scale, torch.zeros(rows), shape)
-
-
-BASELINE = "dense `w.add_(delta)` (baseline)"
-
-
-def _floor2(x: float) -> str:
-    """Two decimals, rounded down: a ratio shown as 0.50 is at least 0.5."""
-    return f"{math.floor(x * 100) / 100:.2f}"
-
-
-def bench_apply(shape: tuple[int, int], repeats: int, runs: int) -> tuple[str, bool]:
-    codec = get_codec("compeft")
-    delta = gaussian_delta(shape)
-    numel = delta.numel()
-    encs = {d: codec.encode(delta, codec.parse_config({"density": d, "mode": "per_tensor"})) for d in APPLY_DENSITIES}
-    residents = {d: codec.to_resident(e, shape) for d, e in encs.items()}
-    sb = signbits_layout(shape)
-    rows, ok = [], True
-    for dtype in (torch.float32, torch.bfloat16):
-        dname = str(dtype).removeprefix("torch.")
-        w0 = gaussian_delta(shape, seed=2).to(dtype)
-        dense_delta = (0.01 * gaussian_delta(shape, seed=3)).to(dtype)
-        w = torch.empty_like(w0)
-        paths: dict[str, object] = {BASELINE: lambda: w.add_(dense_delta)}
-        refs: dict[str, object] = {}
-        targets: dict[str, bool] = {}
-        for d in APPLY_DENSITIES:
-            res, enc = residents[d], encs[d]
-            name = f"compeft d={d}: resident SparseCOO"
-            paths[name] = lambda res=res: apply_(w, res)
-            refs[name], targets[name] = res, True
-            name = f"compeft d={d}: payload → decode → apply"
-            paths[name] = lambda enc=enc: apply_(w, codec.to_resident(enc, shape))
-            refs[name], targets[name] = res, False
-        name = "1-bit SignBits (per-row scale)"
-        paths[name] = lambda: apply_(w, sb)
-        refs[name], targets[name] = sb, True
-        # every timed path must produce the reference result: round(w0 + Δ) computed in fp32, rounded once
-        for name, res in refs.items():
-            w.copy_(w0)
-            paths[name]()
-            want = (w0.to(torch.float32) + to_dense(res)).to(dtype)
-            if not torch.equal(w, want):
-                raise AssertionError(f"{name} ({dname}) differs from the reference merge")
-        per_run = [interleaved(paths, repeats=repeats, setup=lambda _: w.copy_(w0)) for _ in range(runs)]
-        pooled = {name: [t for run in per_run for t in run[name]] for name in paths}
-        base = median(pooled[BASELINE])
-        for name, ts in pooled.items():
-            t = median(ts)
-            if name in targets:
-                ratio = base / t
-                spread = [median(run[BASELINE]) / median(run[name]) for run in per_run]
-                target = ratio >= APPLY_TARGET if targets[name] else None
-                ok &= target is not False
-                ratio_s = f"{_floor2(ratio)}x"
-                if runs > 1:
-                    ratio_s += f" ({_floor2(min(spread))}–{_floor2(max(spread))})"
-            else:
-                ratio_s, target = "1.00x", None
-            rows.append((dname, name, f"{1e3 * t:.2f}", f"{numel / t / 1e9:.2f}", ratio_s,
-                         f"≥ {APPLY_TARGET}x" if target is not None else "—", mark(target)))
-    body = table(("weight", "path", "median ms", "Gparams/s", "speed vs dense add", "target", "met"), rows)
-    text = (f"### 2. CPU decode + apply into weights\n\n"
-            f"{shape[0]}x{shape[1]} weight ({numel:,} params), in place, `deltahub.kernels.apply.apply_` "
-            f"(fp32 compute, one rounding; each path checked equal to the reference merge before timing), "
-            f"torch threads: {torch.get_num_threads()}. {runs} run(s) of {repeats} interleaved rounds each "
-            f"(every round calls every path once); a fresh copy of the weight is restored before every call, "
-            f"outside the timed region. Median ms over all rounds; Gparams/s = weight elements / time. Speed vs "
-            f"dense add = median t(dense add) / median t(path), rounded down"
-            f"{'; in brackets the lowest and highest of the per-run ratios' if runs > 1 else ''}. "
-            f"The payload path starts from the codec's stored tensors in memory (Golomb-Rice decode of "
-            f"positions and signs, then apply; no disk read).\n\n{body}\n\n"
-            f"Target (resident layouts ≥ {APPLY_TARGET}x the dense add): {'met' if ok else 'MISSED'}.")
-    return text, ok
-
-
-# ------------------------------------------------------------------------------------------- 3. encode
 def bench_encode(shape: tuple[int, int], repeats: int) -> str:
     codec = get_codec("compeft")
     delta = gaussian_delta(shape)
@@ -174,7 +82,7 @@ def bench_encode(shape: tuple[int, int], repeats: int) -> str:
     enc = codec.encode(delta, config)
     times = interleaved({"encode": lambda: codec.encode(delta, config),
                          "decode (dense fp32)": lambda: codec.decode(enc, shape),
-                         "to_resident (SparseCOO)": lambda: codec.to_resident(enc, shape)}, repeats=repeats)
+                         "to_resident (TernaryMask)": lambda: codec.to_resident(enc, shape)}, repeats=repeats)
     rows = [(name, f"{1e3 * median(ts):.1f}", f"{numel / median(ts) / 1e6:.1f}") for name, ts in times.items()]
     return (f"### 3a. `compeft` encode / decode throughput\n\n"
             f"{shape[0]}x{shape[1]} Gaussian delta, per_tensor, d = {ENCODE_DENSITY}, median of {repeats} "
@@ -255,26 +163,18 @@ def bench_compress(repeats: int, configs: list[tuple[str, dict]], prefix: str | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1024x1024 tensors, few repeats (< 20 s)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="rounds per run for the apply timings (default 15; quick 3)")
-    ap.add_argument("--runs", type=int, default=None, help="runs of the apply timings (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--only", default="size,apply,encode,compress", help="comma list of benchmarks to run")
+    ap.add_argument("--only", default="size,encode,compress", help="comma list of benchmarks to run")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     shape = (1024, 1024) if args.quick else (4096, 4096)
-    repeats = args.repeats or (3 if args.quick else 15)
     t0 = time.perf_counter()
     print(header("Machine", [f"mode: {'--quick' if args.quick else 'full'}; {shape[0]}x{shape[1]} tensors"]))
     sections, ok = [], True
     if "size" in only:
         text, good = bench_size(shape)
-        sections.append(text)
-        ok &= good
-    if "apply" in only:
-        text, good = bench_apply(shape, repeats, args.runs or (1 if args.quick else 3))
         sections.append(text)
         ok &= good
     if "encode" in only:

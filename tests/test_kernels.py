@@ -241,6 +241,18 @@ def test_without_a_compiler_the_torch_path_serves_and_says_why(tmp_path: Path) -
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+def test_portable_c_loops_without_avx512_or_bmi2(tmp_path: Path) -> None:
+    # this machine's build takes the AVX-512 paths; the portable loops (and the software pdep) must agree too
+    code = ("from deltahub.kernels import native\nfrom deltahub.testing import LAYOUT_KINDS, check_layout, "
+            "random_layout\nassert native.library() is not None, native.unavailable_reason()\n"
+            "for kind in LAYOUT_KINDS:\n    for shape in [(33, 17), (3, 200), (1, 1), (300,)]:\n"
+            "        check_layout(random_layout(kind, shape, density=0.4))\nprint('ok')\n")
+    env = {**os.environ, "DELTAHUB_KERNEL_CFLAGS": "-mno-avx512f -mno-bmi2",
+           "DELTAHUB_KERNEL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", ["torch", "compiled"])
 def test_mixed_batch_of_every_layout_kind(backend: str) -> None:
     shape = (24, 40)

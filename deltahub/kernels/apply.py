@@ -143,6 +143,11 @@ def _bit_lut(device: torch.device) -> torch.Tensor:
     return _LUTS[device]
 
 
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) int8: the bits of every byte value, little bit order."""
+    return _bit_lut(device).view(torch.int8).view(256, 8)
+
+
 def unpack_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """(m, ceil(cols/8)) uint8 → (m, cols) int8 0/1."""
     m = packed.shape[0]
@@ -169,6 +174,10 @@ def block_term(layout: Resident, r0: int, r1: int, c: torch.dtype, alpha: float)
     if isinstance(layout, Codes):
         table = layout.codebook.to(c) * a  # the reference's α·Δ, one product per code
         tab = table[r0:r1] if table.shape[0] > 1 else table
+        if layout.bits == 1 and table.shape[0] == 1:  # byte → its 8 final values: one gather a block
+            lut = torch.where(_bit_table(dev).bool(), tab[0, 1], tab[0, 0])  # (256, 8)
+            packed = layout.planes[0, r0:r1]
+            return lut.index_select(0, packed.reshape(-1).to(torch.int32)).view(r1 - r0, -1)[:, :cols]
         if layout.bits == 1:
             return torch.where(unpack_rows(layout.planes[0, r0:r1], cols).bool(), tab[:, 1:2], tab[:, 0:1])
         code = sum(unpack_rows(layout.planes[j, r0:r1], cols).long() << j for j in range(layout.bits))

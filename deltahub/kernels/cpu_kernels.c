@@ -42,49 +42,49 @@ static inline double ld_f32d(const float *p, int64_t i) { return (double)p[i]; }
 /* ---------------------------------------------------------------- Codes: b bit planes + codebook */
 /* One byte of every plane covers 8 columns: the inner loop over those 8 is branch-free (selects, table
  * reads from a 256-entry table in L1) so the compiler vectorizes it. */
-#define DEFINE_CODES(SUF, WT, LD, ST, CT)                                                                  \
-    static void codes_##SUF(WT *w, int64_t wr0, int64_t rows, int64_t cols, int64_t r0, int64_t r1,                       \
-                            const uint8_t *planes, int bits, const float *book, int64_t book_rows,            \
-                            double alpha) {                                                                   \
-        const int64_t rb = (cols + 7) / 8, whole = cols / 8, plane_stride = rows * rb;                        \
-        const int ncode = 1 << bits;                                                                          \
-        CT table[256];                                                                                        \
-        for (int64_t r = r0; r < r1; ++r) {                                                                   \
-            if (r == r0 || book_rows != 1) {                                                                  \
-                const float *cb = book + (book_rows == 1 ? 0 : r) * ncode;                                    \
-                for (int c = 0; c < ncode; ++c) table[c] = (CT)cb[c] * (CT)alpha;                             \
-            }                                                                                                 \
-            WT *wr = w + (r - wr0) * cols;                                                                            \
-            const uint8_t *p0 = planes + r * rb;                                                              \
-            if (bits == 1) {                                                                                  \
-                const CT t0 = table[0], t1 = table[1];                                                        \
-                for (int64_t b = 0; b < whole; ++b) {                                                         \
-                    const unsigned byte = p0[b];                                                              \
-                    WT *wp = wr + 8 * b;                                                                      \
-                    for (int j = 0; j < 8; ++j) ST(wp, j, LD(wp, j) + (((byte >> j) & 1u) ? t1 : t0));       \
-                }                                                                                             \
-                for (int64_t c = 8 * whole; c < cols; ++c)                                                    \
-                    ST(wr, c, LD(wr, c) + (((p0[c >> 3] >> (c & 7)) & 1u) ? t1 : t0));                       \
-                continue;                                                                                     \
-            }                                                                                                 \
-            for (int64_t b = 0; b < rb; ++b) {                                                                \
-                unsigned code[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                  \
-                for (int p = 0; p < bits; ++p) {                                                              \
-                    const unsigned byte = p0[p * plane_stride + b];                                           \
-                    for (int j = 0; j < 8; ++j) code[j] |= ((byte >> j) & 1u) << p;                           \
-                }                                                                                             \
-                CT v[8];                                                                                      \
-                for (int j = 0; j < 8; ++j) v[j] = table[0];                                                  \
-                for (int c = 1; c < ncode; ++c) /* a select per level beats a gather: it vectorizes */        \
-                    for (int j = 0; j < 8; ++j) v[j] = code[j] == (unsigned)c ? table[c] : v[j];              \
-                WT *wp = wr + 8 * b;                                                                          \
-                if (b < whole) {                                                                              \
-                    for (int j = 0; j < 8; ++j) ST(wp, j, LD(wp, j) + v[j]);                                  \
-                } else {                                                                                      \
-                    for (int j = 0; j < (int)(cols - 8 * b); ++j) ST(wp, j, LD(wp, j) + v[j]);                \
-                }                                                                                             \
-            }                                                                                                 \
-        }                                                                                                     \
+#define DEFINE_CODES(SUF, WT, LD, ST, CT)                                                                              \
+    static void codes_##SUF(WT *w, int64_t wr0, int64_t rows, int64_t cols, int64_t r0, int64_t r1,                    \
+                            const uint8_t *planes, int bits, const float *book, int64_t book_rows,                     \
+                            double alpha) {                                                                            \
+        const int64_t rb = (cols + 7) / 8, whole = cols / 8, plane_stride = rows * rb;                                 \
+        const int ncode = 1 << bits;                                                                                   \
+        CT table[256];                                                                                                 \
+        for (int64_t r = r0; r < r1; ++r) {                                                                            \
+            if (r == r0 || book_rows != 1) {                                                                           \
+                const float *cb = book + (book_rows == 1 ? 0 : r) * ncode;                                             \
+                for (int c = 0; c < ncode; ++c) table[c] = (CT)cb[c] * (CT)alpha;                                      \
+            }                                                                                                          \
+            WT *wr = w + (r - wr0) * cols;                                                                             \
+            const uint8_t *p0 = planes + r * rb;                                                                       \
+            if (bits == 1) {                                                                                           \
+                const CT t0 = table[0], t1 = table[1];                                                                 \
+                for (int64_t b = 0; b < whole; ++b) {                                                                  \
+                    const unsigned byte = p0[b];                                                                       \
+                    WT *wp = wr + 8 * b;                                                                               \
+                    for (int j = 0; j < 8; ++j) ST(wp, j, LD(wp, j) + (((byte >> j) & 1u) ? t1 : t0));                 \
+                }                                                                                                      \
+                for (int64_t c = 8 * whole; c < cols; ++c)                                                             \
+                    ST(wr, c, LD(wr, c) + (((p0[c >> 3] >> (c & 7)) & 1u) ? t1 : t0));                                 \
+                continue;                                                                                              \
+            }                                                                                                          \
+            for (int64_t b = 0; b < rb; ++b) {                                                                         \
+                unsigned code[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                           \
+                for (int p = 0; p < bits; ++p) {                                                                       \
+                    const unsigned byte = p0[p * plane_stride + b];                                                    \
+                    for (int j = 0; j < 8; ++j) code[j] |= ((byte >> j) & 1u) << p;                                    \
+                }                                                                                                      \
+                CT v[8];                                                                                               \
+                for (int j = 0; j < 8; ++j) v[j] = table[0];                                                           \
+                for (int c = 1; c < ncode; ++c) /* a select per level beats a gather: it vectorizes */                 \
+                    for (int j = 0; j < 8; ++j) v[j] = code[j] == (unsigned)c ? table[c] : v[j];                       \
+                WT *wp = wr + 8 * b;                                                                                   \
+                if (b < whole) {                                                                                       \
+                    for (int j = 0; j < 8; ++j) ST(wp, j, LD(wp, j) + v[j]);                                           \
+                } else {                                                                                               \
+                    for (int j = 0; j < (int)(cols - 8 * b); ++j) ST(wp, j, LD(wp, j) + v[j]);                         \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
     }
 
 /* ------------------------------------------------- TernaryMask: mask plane + sign stream + row prefix */
@@ -124,83 +124,83 @@ static inline uint64_t deposit(uint64_t bits, uint64_t mask) {
     return out;
 }
 #endif
-#define DEFINE_MASK(SUF, WT, LD, ST, CT)                                                                   \
-    static void mask_##SUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,                 \
-                           const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale,    \
-                           double alpha) {                                                                    \
-        const int64_t rb = (cols + 7) / 8;                                                                    \
-        const CT t = (CT)(float)scale * (CT)alpha; /* Delta = +-fp32(scale), exact; then one product */       \
-        const CT zero = 0;                                                                                    \
-        for (int64_t r = r0; r < r1; ++r) {                                                                   \
-            WT *wr = w + (r - wr0) * cols;                                                                            \
-            const uint8_t *mr = mask + r * rb;                                                                \
-            int64_t k = row_ptr[r];                                                                           \
-            for (int64_t c0 = 0; c0 < cols; c0 += 64) {                                                       \
-                const uint64_t m = load_word(mr + c0 / 8, rb - c0 / 8);                                       \
-                if (!m) continue;                                                                             \
-                const uint64_t neg = deposit(load_bits(signs, sign_bytes, k), m);                             \
-                k += __builtin_popcountll(m);                                                                 \
-                WT *wp = wr + c0;                                                                             \
-                const int n = cols - c0 < 64 ? (int)(cols - c0) : 64;                                         \
-                for (int q = 0; q < (n + 7) / 8; ++q) { /* 8 columns a step: 32-bit lanes vectorize */        \
-                    const unsigned mb = (unsigned)(m >> (8 * q)) & 0xffu, nb = (unsigned)(neg >> (8 * q)) & 0xffu; \
-                    if (!mb) continue;                                                                        \
-                    WT *wq = wp + 8 * q;                                                                      \
-                    if (8 * q + 8 <= n) {                                                                     \
-                        for (int j = 0; j < 8; ++j)                                                           \
-                            ST(wq, j, LD(wq, j) + (((mb >> j) & 1u) ? (((nb >> j) & 1u) ? -t : t) : zero));  \
-                    } else {                                                                                  \
-                        for (int j = 0; j < n - 8 * q; ++j)                                                   \
-                            ST(wq, j, LD(wq, j) + (((mb >> j) & 1u) ? (((nb >> j) & 1u) ? -t : t) : zero));  \
-                    }                                                                                         \
-                }                                                                                             \
-            }                                                                                                 \
-        }                                                                                                     \
+#define DEFINE_MASK(SUF, WT, LD, ST, CT)                                                                               \
+    static void mask_##SUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,              \
+                           const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale,             \
+                           double alpha) {                                                                             \
+        const int64_t rb = (cols + 7) / 8;                                                                             \
+        const CT t = (CT)(float)scale * (CT)alpha; /* Delta = +-fp32(scale), exact; then one product */                \
+        const CT zero = 0;                                                                                             \
+        for (int64_t r = r0; r < r1; ++r) {                                                                            \
+            WT *wr = w + (r - wr0) * cols;                                                                             \
+            const uint8_t *mr = mask + r * rb;                                                                         \
+            int64_t k = row_ptr[r];                                                                                    \
+            for (int64_t c0 = 0; c0 < cols; c0 += 64) {                                                                \
+                const uint64_t m = load_word(mr + c0 / 8, rb - c0 / 8);                                                \
+                if (!m) continue;                                                                                      \
+                const uint64_t neg = deposit(load_bits(signs, sign_bytes, k), m);                                      \
+                k += __builtin_popcountll(m);                                                                          \
+                WT *wp = wr + c0;                                                                                      \
+                const int n = cols - c0 < 64 ? (int)(cols - c0) : 64;                                                  \
+                for (int q = 0; q < (n + 7) / 8; ++q) { /* 8 columns a step: 32-bit lanes vectorize */                 \
+                    const unsigned mb = (unsigned)(m >> (8 * q)) & 0xffu, nb = (unsigned)(neg >> (8 * q)) & 0xffu;     \
+                    if (!mb) continue;                                                                                 \
+                    WT *wq = wp + 8 * q;                                                                               \
+                    if (8 * q + 8 <= n) {                                                                              \
+                        for (int j = 0; j < 8; ++j)                                                                    \
+                            ST(wq, j, LD(wq, j) + (((mb >> j) & 1u) ? (((nb >> j) & 1u) ? -t : t) : zero));            \
+                    } else {                                                                                           \
+                        for (int j = 0; j < n - 8 * q; ++j)                                                            \
+                            ST(wq, j, LD(wq, j) + (((mb >> j) & 1u) ? (((nb >> j) & 1u) ? -t : t) : zero));            \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
     }
 
 /* ----------------------------------------------------------------- SparseRows: CSR, 16/32-bit columns */
-#define DEFINE_CSR(SUF, WT, LD, ST, CT, VSUF, VT, VLD)                                                     \
-    static void csr_##SUF##_##VSUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,      \
-                                   const void *colidx, int col16, const VT *values, double scale,            \
-                                   double alpha) {                                                            \
-        const float s = (float)scale;                                                                         \
-        const uint16_t *c16 = (const uint16_t *)colidx;                                                       \
-        const int32_t *c32 = (const int32_t *)colidx;                                                         \
-        for (int64_t r = r0; r < r1; ++r) {                                                                   \
-            WT *wr = w + (r - wr0) * cols;                                                                            \
-            for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {                                           \
-                const int64_t c = col16 ? (int64_t)c16[k] : (int64_t)c32[k];                                  \
-                const float d = VLD(values, k) * s; /* Delta in fp32, as the layout computes it */            \
-                ST(wr, c, LD(wr, c) + (CT)d * (CT)alpha);                                                     \
-            }                                                                                                 \
-        }                                                                                                     \
+#define DEFINE_CSR(SUF, WT, LD, ST, CT, VSUF, VT, VLD)                                                                 \
+    static void csr_##SUF##_##VSUF(WT *w, int64_t wr0, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,   \
+                                   const void *colidx, int col16, const VT *values, double scale,                      \
+                                   double alpha) {                                                                     \
+        const float s = (float)scale;                                                                                  \
+        const uint16_t *c16 = (const uint16_t *)colidx;                                                                \
+        const int32_t *c32 = (const int32_t *)colidx;                                                                  \
+        for (int64_t r = r0; r < r1; ++r) {                                                                            \
+            WT *wr = w + (r - wr0) * cols;                                                                             \
+            for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {                                                    \
+                const int64_t c = col16 ? (int64_t)c16[k] : (int64_t)c32[k];                                           \
+                const float d = VLD(values, k) * s; /* Delta in fp32, as the layout computes it */                     \
+                ST(wr, c, LD(wr, c) + (CT)d * (CT)alpha);                                                              \
+            }                                                                                                          \
+        }                                                                                                              \
     }
 
 /* ---------------------------------------------------------------------------- Dense: one fused pass */
-#define DEFINE_DENSE(SUF, WT, LD, ST, CT, DSUF, DT, DLD)                                                   \
-    static void dense_##SUF##_##DSUF(WT *w, const DT *d, int64_t i0, int64_t i1, double alpha) {            \
-        const CT a = (CT)alpha;                                                                               \
-        if (alpha == 1.0) {                                                                                   \
-            for (int64_t i = i0; i < i1; ++i) ST(w, i, LD(w, i) + (CT)DLD(d, i));                             \
-        } else {                                                                                              \
-            for (int64_t i = i0; i < i1; ++i) ST(w, i, LD(w, i) + (CT)DLD(d, i) * a);                         \
-        }                                                                                                     \
+#define DEFINE_DENSE(SUF, WT, LD, ST, CT, DSUF, DT, DLD)                                                               \
+    static void dense_##SUF##_##DSUF(WT *w, const DT *d, int64_t i0, int64_t i1, double alpha) {                       \
+        const CT a = (CT)alpha;                                                                                        \
+        if (alpha == 1.0) {                                                                                            \
+            for (int64_t i = i0; i < i1; ++i) ST(w, i, LD(w, i) + (CT)DLD(d, i));                                      \
+        } else {                                                                                                       \
+            for (int64_t i = i0; i < i1; ++i) ST(w, i, LD(w, i) + (CT)DLD(d, i) * a);                                  \
+        }                                                                                                              \
     }
 
 static inline float ld_i8(const int8_t *p, int64_t i) { return (float)p[i]; }
 
-#define FOR_WEIGHTS(M) M(f32, float, ld_f32, st_f32, float) M(f64, double, ld_f64, st_f64, double) \
+#define FOR_WEIGHTS(M) M(f32, float, ld_f32, st_f32, float) M(f64, double, ld_f64, st_f64, double)                     \
     M(f16, _Float16, ld_f16, st_f16, float) M(bf16, uint16_t, ld_bf16, st_bf16, float)
 FOR_WEIGHTS(DEFINE_CODES)
 FOR_WEIGHTS(DEFINE_MASK)
 
-#define CSR_FOR_VALUES(SUF, WT, LD, ST, CT) DEFINE_CSR(SUF, WT, LD, ST, CT, f32, float, ld_f32) \
-    DEFINE_CSR(SUF, WT, LD, ST, CT, f16, _Float16, ld_f16) DEFINE_CSR(SUF, WT, LD, ST, CT, bf16, uint16_t, ld_bf16) \
+#define CSR_FOR_VALUES(SUF, WT, LD, ST, CT) DEFINE_CSR(SUF, WT, LD, ST, CT, f32, float, ld_f32)                        \
+    DEFINE_CSR(SUF, WT, LD, ST, CT, f16, _Float16, ld_f16) DEFINE_CSR(SUF, WT, LD, ST, CT, bf16, uint16_t, ld_bf16)    \
     DEFINE_CSR(SUF, WT, LD, ST, CT, i8, int8_t, ld_i8)
 FOR_WEIGHTS(CSR_FOR_VALUES)
 
 /* Dense deltas: fp64 values make the compute double, whatever the weight (fp32 weights, exact deltas). */
-#define DENSE_FOR_DELTAS(SUF, WT, LD, ST, CT) DEFINE_DENSE(SUF, WT, LD, ST, CT, f32, float, ld_f32) \
+#define DENSE_FOR_DELTAS(SUF, WT, LD, ST, CT) DEFINE_DENSE(SUF, WT, LD, ST, CT, f32, float, ld_f32)                    \
     DEFINE_DENSE(SUF, WT, LD, ST, CT, f16, _Float16, ld_f16) DEFINE_DENSE(SUF, WT, LD, ST, CT, bf16, uint16_t, ld_bf16)
 FOR_WEIGHTS(DENSE_FOR_DELTAS)
 DEFINE_DENSE(f32, float, ld_f32d, st_f32d, double, f64, double, ld_f64)
@@ -290,13 +290,13 @@ static int mask_avx512(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, 
 #endif
 
 /* ------------------------------------------------------------------------------- exported entries */
-#define DISPATCH_W(WDT, CALL)                              \
-    switch (WDT) {                                         \
-        case DT_F32: CALL(f32, float); return 0;           \
-        case DT_F64: CALL(f64, double); return 0;          \
-        case DT_F16: CALL(f16, _Float16); return 0;        \
-        case DT_BF16: CALL(bf16, uint16_t); return 0;      \
-        default: return -1;                                \
+#define DISPATCH_W(WDT, CALL)                                                                                          \
+    switch (WDT) {                                                                                                     \
+        case DT_F32: CALL(f32, float); return 0;                                                                       \
+        case DT_F64: CALL(f64, double); return 0;                                                                      \
+        case DT_F16: CALL(f16, _Float16); return 0;                                                                    \
+        case DT_BF16: CALL(bf16, uint16_t); return 0;                                                                  \
+        default: return -1;                                                                                            \
     }
 
 int dh_apply_codes(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const uint8_t *planes,
@@ -323,13 +323,13 @@ int dh_apply_csr(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_
     if (cdt != DT_U16 && cdt != DT_I32) return -2;
     const int col16 = cdt == DT_U16;
 #define CSR_V(S, T, VS, VT) csr_##S##_##VS((T *)w, wr0, cols, r0, r1, row_ptr, colidx, col16, (const VT *)values, scale, alpha)
-#define CALL_CSR(S, T)                                              \
-    switch (vdt) {                                                  \
-        case DT_F32: CSR_V(S, T, f32, float); break;                \
-        case DT_F16: CSR_V(S, T, f16, _Float16); break;             \
-        case DT_BF16: CSR_V(S, T, bf16, uint16_t); break;           \
-        case DT_I8: CSR_V(S, T, i8, int8_t); break;                 \
-        default: return -2;                                         \
+#define CALL_CSR(S, T)                                                                                                 \
+    switch (vdt) {                                                                                                     \
+        case DT_F32: CSR_V(S, T, f32, float); break;                                                                   \
+        case DT_F16: CSR_V(S, T, f16, _Float16); break;                                                                \
+        case DT_BF16: CSR_V(S, T, bf16, uint16_t); break;                                                              \
+        case DT_I8: CSR_V(S, T, i8, int8_t); break;                                                                    \
+        default: return -2;                                                                                            \
     }
     DISPATCH_W(wdt, CALL_CSR)
 }
@@ -341,12 +341,12 @@ int dh_apply_dense(void *w, int wdt, const void *d, int ddt, int64_t i0, int64_t
         return -2; /* fp16/bf16 weights with fp64 deltas: the torch path handles them */
     }
 #define D_V(S, T, DS, DT_) dense_##S##_##DS((T *)w, (const DT_ *)d, i0, i1, alpha)
-#define CALL_DENSE(S, T)                                            \
-    switch (ddt) {                                                  \
-        case DT_F32: D_V(S, T, f32, float); break;                  \
-        case DT_F16: D_V(S, T, f16, _Float16); break;               \
-        case DT_BF16: D_V(S, T, bf16, uint16_t); break;             \
-        default: return -2;                                         \
+#define CALL_DENSE(S, T)                                                                                               \
+    switch (ddt) {                                                                                                     \
+        case DT_F32: D_V(S, T, f32, float); break;                                                                     \
+        case DT_F16: D_V(S, T, f16, _Float16); break;                                                                  \
+        case DT_BF16: D_V(S, T, bf16, uint16_t); break;                                                                \
+        default: return -2;                                                                                            \
     }
     DISPATCH_W(wdt, CALL_DENSE)
 }

@@ -151,16 +151,27 @@ def mixed_matmul_(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, exper
         matmul_triton.mixed_matmul_(target, x2, idx, stack, alist)
     else:
         target = out2
-        for e in torch.unique(idx[idx >= 0]).tolist():
-            if members[e] is None:
-                continue
-            sel = torch.nonzero(idx == e).reshape(-1)
-            part = target.index_select(0, sel)
-            delta_matmul(x2.index_select(0, sel), members[e], alpha=alist[e], out=part, backend=which)
-            target.index_copy_(0, sel, part)
+        _cpu_mixed(target, x2, idx, members, alist, which)
     if target.data_ptr() != out.data_ptr():
         out.copy_(target.reshape(out.shape))
     return out
+
+
+def _cpu_mixed(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, members: list, alphas: list[float],
+               which: str) -> None:
+    """Rows gathered once in expert order; each expert present works on its contiguous slice; one scatter."""
+    order = torch.argsort(idx, stable=True)
+    order = order[int((idx < 0).sum()):]  # the base rows sort first and stay as they are
+    if order.numel() == 0:
+        return
+    counts = torch.bincount(idx[order], minlength=len(members)).tolist()
+    xs, ys = x.index_select(0, order), out.index_select(0, order)
+    start = 0
+    for e, n in enumerate(counts):
+        if n and members[e] is not None:
+            delta_matmul(xs[start:start + n], members[e], alpha=alphas[e], out=ys[start:start + n], backend=which)
+        start += n
+    out.index_copy_(0, order, ys)
 
 
 def mixed_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, experts: Sequence[Resident | None], *,

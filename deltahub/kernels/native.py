@@ -7,7 +7,8 @@ headers takes ~1 minute; this file compiles in ~1-2 s and needs no Python header
 
 The library is cached under ``$DELTAHUB_KERNEL_CACHE`` (default ``<DELTAHUB_HOME>/kernels``), keyed by the
 sha256 of the source, the compiler's version and the CPU's flags (``-march=native``), and written through a
-temporary file and an atomic rename so concurrent processes never load a half-written library. No compiler,
+temporary file and an atomic rename so concurrent processes never load a half-written library.
+``DELTAHUB_KERNEL_CFLAGS`` adds compiler flags (``-mno-avx512f`` builds the portable loops only). No compiler,
 a failed build or ``DELTAHUB_KERNEL_BACKEND=torch``: the torch paths serve, and the reason is logged once.
 """
 
@@ -33,6 +34,7 @@ from deltahub.constants import home
 logger = logging.getLogger(__name__)
 
 ENV_CACHE = "DELTAHUB_KERNEL_CACHE"
+ENV_CFLAGS = "DELTAHUB_KERNEL_CFLAGS"  # extra compiler flags, e.g. "-mno-avx512f" (part of the cache key)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC"]
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3, torch.int8: 4,
@@ -70,9 +72,14 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _flags() -> list[str]:
+    return [*FLAGS, *os.environ.get(ENV_CFLAGS, "").split()]
+
+
 def _build(cc: str) -> Path:
+    flags = _flags()
     version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"deltahub_cpu_{key}.so"
     if lib.is_file():
@@ -82,7 +89,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise OSError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
