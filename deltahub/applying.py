@@ -16,13 +16,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from deltahub.artifact import Artifact, staging
+from deltahub.artifact import Artifact, Term, staging
 from deltahub.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from deltahub.constants import progress_disabled
 from deltahub.errors import CheckpointError
 from deltahub.fingerprint import verify_base
 from deltahub.kernels import apply_
-from deltahub.manifest import TensorEntry
 
 
 def out_name(base_name: str, prefix: dict[str, str]) -> str:
@@ -34,11 +33,11 @@ def out_name(base_name: str, prefix: dict[str, str]) -> str:
     return base_name
 
 
-def merged_tensor(art: Artifact, entry: TensorEntry, base_t: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """The output tensor for one manifest entry: replacement, or round(base + α·Δ) written into ``base_t``."""
-    if entry.op == "replace":
-        return art.decode_tensor(entry)
-    return apply_(base_t, art.resident(entry, device=base_t.device), alpha=alpha)
+def merged_tensor(art: Artifact, term: Term, base_t: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """The output tensor for one term: replacement, or round(base + α·Δ) written into ``base_t``."""
+    if term.op == "replace":
+        return art.decode_tensor(term.entry)
+    return apply_(base_t, art.term_resident(term, device=base_t.device), alpha=alpha)
 
 
 def apply(artifact: Artifact | str | os.PathLike[str], base: Any, *, alpha: float = 1.0,
@@ -77,13 +76,14 @@ def apply(artifact: Artifact | str | os.PathLike[str], base: Any, *, alpha: floa
 
 def _apply_state_dict(art: Artifact, ckpt: Checkpoint, alpha: float) -> dict[str, torch.Tensor]:
     prefix = art.manifest.base.prefix
-    by_base = {e.base_name: e for e in art.manifest.tensors if e.base_name is not None}
+    terms = art.terms()
+    by_base = {e.base_name: e for e in terms if e.base_name is not None}
     out: dict[str, torch.Tensor] = {}
     for name in ckpt.keys():
         e = by_base.get(name)
         t = ckpt.get(name)
         out[out_name(name, prefix)] = merged_tensor(art, e, t.clone(), alpha) if e is not None else t
-    for e in art.manifest.tensors:
+    for e in terms:
         if e.base_name is None:
             out[e.name] = merged_tensor(art, e, None, alpha)
     return out
@@ -94,20 +94,22 @@ def _apply_module(art: Artifact, module: torch.nn.Module, alpha: float, verify: 
     sd = module.state_dict()
     if verify:
         verify_base(Checkpoint.open(sd), art.manifest.base.tensors, artifact=f"artifact {art.name!r}")
-    for e in art.manifest.tensors:
+    terms = art.terms()
+    for e in terms:
         if e.base_name is None or e.base_name not in sd or e.op != "add":
             raise CheckpointError(
                 f"Tensor {e.name!r} is new or reshaped in the fine-tuned model and cannot be applied to a module in "
                 "place; apply to a state dict or a model folder instead."
             )
-    for e in art.manifest.tensors:
+    for e in terms:
         merged_tensor(art, e, sd[e.base_name], alpha)  # state_dict tensors share storage with the parameters
 
 
 def _apply_files(art: Artifact, ckpt: Checkpoint, alpha: float, out: Path) -> Path:
     prefix = art.manifest.base.prefix
-    by_base = {e.base_name: e for e in art.manifest.tensors if e.base_name is not None}
-    new = [e for e in art.manifest.tensors if e.base_name is None]
+    terms = art.terms()
+    by_base = {e.base_name: e for e in terms if e.base_name is not None}
+    new = [e for e in terms if e.base_name is None]
     shards = ckpt.files
     single_file = ckpt.folder is None
     weight_map: dict[str, str] = {}

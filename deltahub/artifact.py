@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,21 @@ from deltahub.errors import ArtifactNotFoundError, CodecVersionError, IntegrityE
 from deltahub.manifest import MANIFEST_NAME, Manifest, TensorEntry, check_relpath, parse_manifest
 
 HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Term:
+    """One change an expert makes to its base: a weight delta (``add``) or a whole tensor (``replace``).
+
+    A delta artifact has one term per manifest entry; an adapter artifact has one ``add`` term per target
+    weight (materialized from its native tensors) plus its ``replace`` entries (a saved head).
+    """
+
+    name: str  # in the fine-tuned model
+    base_name: str | None
+    op: str
+    shape: tuple[int, ...]
+    entry: TensorEntry | None = None  # the manifest entry behind it; None for an adapter target
 
 
 def sha256_file(path: Path) -> tuple[int, str]:
@@ -64,6 +80,7 @@ class Artifact:
         self.manifest = manifest
         self.folder = folder
         self._files: dict[str, dict[str, torch.Tensor]] = {}
+        self._materialized: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -178,8 +195,70 @@ class Artifact:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
         return res.to(device)
 
+    # ----------------------------------------------------------------------------------- terms
+    def terms(self) -> list[Term]:
+        """What this expert changes, as terms (see :class:`Term`), whatever its kind."""
+        entries = self.manifest.tensors
+        if self.manifest.adapter is None:
+            return [Term(e.name, e.base_name, e.op, tuple(e.shape), e) for e in entries]
+        native = {e.name: e for e in entries if e.op == "native"}
+        shapes = {n: torch.empty(e.shape, device="meta") for n, e in native.items()}
+        out = []
+        for t in self.adapter_kind().targets(shapes, self.manifest.adapter.config):
+            out.append(Term(t.weight, native[t.tensors[0]].base_name, "add", tuple(t.shape)))
+        return out + [Term(e.name, e.base_name, e.op, tuple(e.shape), e) for e in entries if e.op == "replace"]
+
+    def adapter_kind(self) -> Any:
+        """The installed adapter kind that reads this artifact (None for a delta).
+
+        Raises:
+            AdapterNotFoundError, PluginError: not installed, or broken.
+            CodecVersionError: written by a newer version of the adapter kind.
+        """
+        info = self.manifest.adapter
+        if info is None:
+            return None
+        from deltahub.adapter import get_adapter
+
+        kind = get_adapter(info.kind)
+        if info.version > kind.version:
+            raise CodecVersionError(f"{self.name!r} was written by adapter kind {info.kind} v{info.version}; the "
+                                    f"installed one is v{kind.version}. Upgrade the plugin that provides it.")
+        return kind
+
+    def native_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors, decoded, in their stored dtypes (empty for a delta)."""
+        return {e.name: self.decode_tensor(e) for e in self.manifest.tensors if e.op == "native"}
+
+    def term_resident(self, term: Term, *, device: Any = "cpu") -> Any:
+        """The resident layout of an ``add`` term on ``device``.
+
+        Raises:
+            IntegrityError: the payload does not decode, or the adapter materializes an inconsistent layout.
+        """
+        if term.entry is not None:
+            return self.resident(term.entry, device=device)
+        if self._materialized is None:
+            from deltahub.kernels.layouts import LAYOUTS
+
+            made = self.adapter_kind().materialize(self.native_tensors(), self.manifest.adapter.config)
+            for name, res in made.items():
+                try:
+                    if not isinstance(res, LAYOUTS):
+                        raise ValueError(f"it is a {type(res).__name__} to attach, not a weight delta; attach it "
+                                         "to the model instead of merging it")
+                    res.validate()
+                except ValueError as exc:
+                    raise IntegrityError(f"Adapter target {name!r} of {self.name!r}: {exc}.") from None
+            self._materialized = made
+        res = self._materialized.get(term.name)
+        if res is None or tuple(res.shape) != tuple(term.shape):
+            raise IntegrityError(f"Adapter kind {self.manifest.kind} gave no {list(term.shape)} delta for "
+                                 f"{term.name!r}; the artifact is corrupt.")
+        return res.to(device)
+
     def decode_tensor(self, entry: TensorEntry) -> torch.Tensor:
-        """Δ (op ``add``, fp32/fp64) or the whole tensor (op ``replace``, in its dtype) for one entry."""
+        """Δ (op ``add``, fp32/fp64) or the whole tensor (ops ``replace`` and ``native``, in its dtype)."""
         codec = self.codec(entry)
         try:
             out = codec.decode(self.encoded(entry), tuple(entry.shape))
@@ -187,7 +266,7 @@ class Artifact:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
         if tuple(out.shape) != tuple(entry.shape):
             raise IntegrityError(f"Codec {entry.codec} decoded {entry.name!r} to shape {list(out.shape)}, expected {entry.shape}.")
-        return out.to(dtype_from_name(entry.dtype)) if entry.op == "replace" else out
+        return out.to(dtype_from_name(entry.dtype)) if entry.op in ("replace", "native") else out
 
     def decode(self) -> dict[str, torch.Tensor]:
         """Every tensor: deltas for ``add`` entries, whole tensors for ``replace`` entries."""

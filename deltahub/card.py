@@ -122,6 +122,11 @@ def card_data(manifest: Manifest, *, repo_id: str | None = None) -> dict[str, An
         "codec": codec, "bits_per_param": _num(s.get("bits_per_param")), "ratio_vs_fp16": _num(s.get("ratio_vs_fp16")),
         "rel_error": _num(s.get("rel_error")), "base_fingerprint": manifest.base.fingerprint,
     }
+    if manifest.adapter is not None:
+        peft = manifest.adapter.config.get("peft_config", {})
+        meta["adapter"] = {"kind": manifest.adapter.kind, "targets": _num(s.get("targets")),
+                           "ranks": [int(r) for r in s.get("ranks") or []], "lora_alpha": _num(peft.get("lora_alpha")),
+                           "ratio_vs_fp16_delta": _num(s.get("ratio_vs_fp16_delta"))}
     if (fid := _fidelity(s)) is not None:
         meta["fidelity"] = fid
     if repo_id:
@@ -192,21 +197,21 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, revision: str
         target = f"./{name}"
         py_open = f'\nart = deltahub.load("{name}")  # verifies every file\'s size and sha256'
 
+    intro, adapter_rows, export_cmd = _adapter_parts(manifest, target)
     body = f"""
 # {name}
 
-A fine-tuned model stored as a compressed task delta against its base with
-[deltahub](https://pypi.org/project/deltahub/): `base + delta` rebuilds the fine-tuned weights.
+{intro}
 
 | | |
 |---|---|
 | codec | `{codec}` — {codec_line} |
 | tensors per codec | {used_line} |
 | codec options | `{options}` |
-| bits per parameter | {_fmt(s.get('bits_per_param'))} |
-| ratio vs dense fp16 delta | {_fmt(s.get('ratio_vs_fp16'), suffix='×')} |
+| bits per {'adapter ' if manifest.adapter else ''}parameter | {_fmt(s.get('bits_per_param'))} |
+| ratio vs dense fp16 {'factors' if manifest.adapter else 'delta'} | {_fmt(s.get('ratio_vs_fp16'), suffix='×')} |
 | relative reconstruction error | {_fmt(s.get('rel_error'))} |
-{fid_row}| tensors (matched / new / replaced / unchanged) | {counts} |
+{adapter_rows}{fid_row}| tensors (matched / new / replaced / unchanged) | {counts} |
 | base | {base_desc} |
 | base fingerprint | `{manifest.base.fingerprint}` |
 | artifact id | `{manifest.id}` |
@@ -216,7 +221,7 @@ A fine-tuned model stored as a compressed task delta against its base with
 ```bash
 pip install deltahub
 {fetch}{get_base}deltahub apply {_shell_quote(target)} --base {base_dir} -o merged/
-```
+{export_cmd}```
 
 ```python
 import deltahub
@@ -229,6 +234,24 @@ Every payload's size and sha256 are listed in `deltahub.json` and checked before
 """
     # Not ModelCard.from_template: that renders the body with jinja2, and names must never be template code.
     return str(ModelCard("---\n" + ModelCardData(**data).to_yaml() + "\n---\n" + body))
+
+
+def _adapter_parts(manifest: Manifest, target: str) -> tuple[str, str, str]:
+    """(intro sentence, extra table rows, export command) of the card: adapters get their own."""
+    if manifest.adapter is None:
+        return ("A fine-tuned model stored as a compressed task delta against its base with\n"
+                "[deltahub](https://pypi.org/project/deltahub/): `base + delta` rebuilds the fine-tuned weights.",
+                "", "")
+    s, ad = manifest.stats, manifest.adapter
+    peft = ad.config.get("peft_config", {})
+    intro = (f"A `{ad.kind}` adapter stored with [deltahub](https://pypi.org/project/deltahub/), bound to its base "
+             "by fingerprint: merge it into the base, serve it beside the base, or export it back to PEFT.")
+    rows = (f"| adapter | `{ad.kind}` v{ad.version}: {s.get('targets', 'n/a')} target weights, ranks "
+            f"{s.get('ranks')}, alpha {peft.get('lora_alpha', 'n/a')}{', rsLoRA' if peft.get('use_rslora') else ''} |\n"
+            f"| target modules | `{peft.get('target_modules')}` |\n"
+            f"| size vs the dense fp16 weight delta | {_fmt(s.get('ratio_vs_fp16_delta'), suffix='× smaller')} |\n")
+    export = f"deltahub export {_shell_quote(target)} --format peft -o peft-adapter/   # PeftModel.from_pretrained\n"
+    return intro, rows, export
 
 
 def check_card(text: str) -> list[str]:

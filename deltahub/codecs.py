@@ -13,19 +13,17 @@ only where a lossless codec needs it) and the caller rounds once into the weight
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from deltahub.errors import CodecConfigError, CodecNotFoundError, PluginError
+from deltahub.discovery import BUILTIN_DISTRIBUTION, PluginInfo, PluginKind, discover, load, refresh_plugins, validate
+from deltahub.errors import CodecConfigError, CodecNotFoundError
 
 if TYPE_CHECKING:  # torch is heavy; codec modules import it themselves
     import torch
@@ -36,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 GROUP = "deltahub.codecs"
 ADAPTER_GROUP = "deltahub.adapters"
-BUILTIN_DISTRIBUTION = "deltahub"
+__all__ = ["BUILTIN_DISTRIBUTION", "PluginInfo", "refresh_plugins"]  # re-exported: older imports
 
 
 class CodecConfig(BaseModel):
@@ -169,85 +167,13 @@ def _parse_kv(items: Iterable[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """One discovered plugin, loaded or not."""
-
-    name: str
-    group: str
-    distribution: str
-    target: str
-    version: int | None = None
-    pretty_name: str = ""
-    error: str | None = None
-
-
 _REGISTERED: dict[str, type[Codec]] = {}  # runtime registrations (tests, notebooks) win over entry points
-
-
-@functools.lru_cache(maxsize=8)
-def _installed_entry_points(group: str) -> tuple[metadata.EntryPoint, ...]:
-    # scanning every distribution's metadata costs ~3 ms; `auto` and `apply` look codecs up thousands of
-    # times, so scan once per process (call `refresh_plugins()` after installing a plugin at run time)
-    return tuple(metadata.entry_points(group=group))
-
-
-def refresh_plugins() -> None:
-    """Forget the cached plugin list (after ``pip install`` of a plugin in a running process)."""
-    _installed_entry_points.cache_clear()
-
-
-def _entry_points(group: str) -> list[metadata.EntryPoint]:
-    eps = list(_installed_entry_points(group))
-    # DELTAHUB_LOAD_PLUGINS="" keeps the test suite to built-ins, as llm's LLM_LOAD_PLUGINS does.
-    only = os.environ.get("DELTAHUB_LOAD_PLUGINS")
-    if only is not None:
-        allowed = {n.strip() for n in only.split(",") if n.strip()}
-        eps = [ep for ep in eps if _dist(ep) == BUILTIN_DISTRIBUTION or _dist(ep) in allowed]
-    return eps
-
-
-def _dist(ep: metadata.EntryPoint) -> str:
-    return ep.dist.name if ep.dist is not None else "?"
-
-
-def _validate(cls: Any, name: str) -> type[Codec]:
-    if not (isinstance(cls, type) and issubclass(cls, Codec)):
-        raise PluginError(f"Codec plugin '{name}' does not subclass deltahub.Codec; report it to its author.")
-    if getattr(cls, "name", None) != name or not isinstance(getattr(cls, "version", None), int):
-        raise PluginError(
-            f"Codec plugin '{name}' must set name = '{name}' and an integer version; report it to its author."
-        )
-    return cls
+CODECS = PluginKind(group=GROUP, base=Codec, label="Codec", base_name="deltahub.Codec", registered=_REGISTERED)
 
 
 def discover_codecs() -> list[PluginInfo]:
     """Every codec entry point (built-in and third-party), with load errors reported instead of raised."""
-    seen: dict[str, PluginInfo] = {}
-    infos: list[PluginInfo] = []
-    for ep in _entry_points(GROUP):
-        try:
-            cls = _validate(ep.load(), ep.name)
-            info = PluginInfo(ep.name, GROUP, _dist(ep), ep.value, cls.version, cls.pretty_name)
-        except Exception as exc:  # a broken third-party plugin must not break unrelated commands
-            info = PluginInfo(ep.name, GROUP, _dist(ep), ep.value, error=f"{type(exc).__name__}: {exc}")
-        if ep.name in seen and seen[ep.name].target != ep.value:
-            first = seen[ep.name]
-            if info.distribution == BUILTIN_DISTRIBUTION:  # report the plugin, not the built-in
-                infos[infos.index(first)] = PluginInfo(first.name, GROUP, first.distribution, first.target,
-                                                       error="duplicate name, shadowed by the built-in codec")
-                seen[ep.name] = info
-            else:
-                why = ("shadowed by the built-in codec" if first.distribution == BUILTIN_DISTRIBUTION
-                       else f"also provided by {first.distribution}")
-                info = PluginInfo(ep.name, GROUP, info.distribution, ep.value, error=f"duplicate name, {why}")
-        seen.setdefault(ep.name, info)
-        infos.append(info)
-    for name, cls in _REGISTERED.items():
-        infos.append(PluginInfo(name, GROUP, "<registered>", f"{cls.__module__}:{cls.__qualname__}", cls.version))
-    return infos
+    return discover(CODECS)
 
 
 def available_codecs() -> list[str]:
@@ -262,34 +188,12 @@ def get_codec(name: str) -> Codec:
         CodecNotFoundError: no such codec (with a did-you-mean).
         PluginError: the codec exists but failed to load or is a duplicate.
     """
-    if name in _REGISTERED:
-        return _REGISTERED[name]()
-    matches = [ep for ep in _entry_points(GROUP) if ep.name == name]
-    if not matches:
-        raise CodecNotFoundError(name, available_codecs())
-    if len({ep.value for ep in matches}) > 1:
-        builtin = [ep for ep in matches if _dist(ep) == BUILTIN_DISTRIBUTION]
-        if not builtin:
-            dists = " and ".join(sorted(_dist(ep) for ep in matches))
-            raise PluginError(f"Codec '{name}' is provided by both {dists}; uninstall one of them.")
-        # a built-in name is never taken over by a plugin: artifacts everywhere rely on what it means
-        logger.warning("codec %r from %s is shadowed by the built-in one", name,
-                       ", ".join(_dist(ep) for ep in matches if ep not in builtin))
-        matches = builtin
-    try:
-        return _validate(matches[0].load(), name)()
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise PluginError(
-            f"Codec plugin '{name}' from {_dist(matches[0])} failed to load ({type(exc).__name__}: {exc}); "
-            "reinstall or update it."
-        ) from exc
+    return load(CODECS, name, lambda: CodecNotFoundError(name, available_codecs()))
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
     """Register a codec class at run time (tests, notebooks); usable as a decorator."""
-    _REGISTERED[_validate(cls, getattr(cls, "name", "?")).name] = cls
+    _REGISTERED[validate(CODECS, cls, getattr(cls, "name", "?")).name] = cls
     return cls
 
 

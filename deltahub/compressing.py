@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from deltahub.codecs import Codec, CodecConfig, DeltaSource, ListSource, get_cod
 from deltahub.constants import CARD_NAME, CONFIG_NAME, progress_disabled
 from deltahub.delta import CheckpointDelta, Pair, align, exact_delta
 from deltahub.fingerprint import hash_tensors, root_hash
-from deltahub.manifest import FORMAT_VERSION, MANIFEST_NAME, BaseInfo, FileEntry, Manifest, TensorEntry
+from deltahub.manifest import FORMAT_VERSION, MANIFEST_NAME, AdapterInfo, BaseInfo, FileEntry, Manifest, TensorEntry
 from deltahub.writer import PayloadWriter
 
 
@@ -41,7 +42,7 @@ class _ArtifactDelta(DeltaSource):
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for e in self.art.manifest.tensors:
-            if e.op == "add":
+            if e.op in ("add", "native"):
                 yield e.name, self.art.decode_tensor(e).float()
 
 
@@ -69,6 +70,9 @@ def compress(finetuned: Any, *, base: Any = None, codec: str = "compeft", out: s
     """
     codec_obj = get_codec(codec)
     config = codec_obj.parse_config(params)
+    adapter = _as_adapter(finetuned)
+    if adapter is not None:
+        return _compress_adapter_folder(adapter, finetuned, base, codec, out, name, provenance, params)
     source_art = _as_artifact(finetuned)
     if source_art is None and base is None:
         from deltahub.errors import BaseNotFoundError
@@ -96,6 +100,33 @@ def fit_one(codec: Codec, config: CodecConfig, name: str, delta: torch.Tensor, c
     return codec.fit(ListSource({name: delta}), config, calibration=calibration)
 
 
+def _as_adapter(src: Any) -> Any:
+    """(adapter kind, imported) when ``src`` is a folder an adapter kind recognises (a PEFT folder)."""
+    if not isinstance(src, (str, os.PathLike)) or not Path(src).is_dir() or (Path(src) / MANIFEST_NAME).is_file():
+        return None
+    from deltahub.adapter import read_adapter_folder
+
+    return read_adapter_folder(Path(src))
+
+
+def _compress_adapter_folder(adapter: Any, src: Any, base: Any, codec: str, out: Any, name: str | None,
+                             provenance: dict[str, Any] | None, params: dict[str, Any]) -> Artifact:
+    from deltahub.adapting import compress_adapter
+    from deltahub.errors import BaseNotFoundError
+
+    kind, imported = adapter
+    if base is None:
+        hint = imported.base_hint
+        if not hint or not Path(hint).expanduser().exists():
+            raise BaseNotFoundError(f"The adapter names its base as {hint!r}, which is no local folder: pass --base "
+                                    "BASE (the model it was trained on).")
+        base = Path(hint).expanduser()
+    out_path = Path(out) if out is not None else None
+    return compress_adapter(kind, imported, base=base, codec=codec, out=out_path,
+                            name=name or (out_path.name if out_path else None),
+                            provenance=provenance or {"source": _describe(src)}, **params)
+
+
 def _as_artifact(src: Any) -> Artifact | None:
     if isinstance(src, Artifact):
         return src
@@ -121,6 +152,8 @@ class _Job:
         self.sq = [0.0, 0.0]  # Σ‖Δ‖², Σ‖Δ − Δ̂‖² over add entries
         self.base_info: BaseInfo | None = None
         self.config_json: Path | None = None
+        self.adapter: AdapterInfo | None = None
+        self.extra_stats: dict[str, Any] = {}
 
     def _fit(self, source: DeltaSource, shapes: dict[str, tuple[int, ...]]) -> None:
         stats = self.codec.fit(_Accepted(source, self.codec, self.config, shapes), self.config,
@@ -162,10 +195,11 @@ class _Job:
         for e in tqdm(art.manifest.tensors, desc=f"re-encode ({self.codec.name})", unit="tensor", disable=progress_disabled()):
             p = Pair(e.name, e.base_name, e.op)
             t = art.decode_tensor(e)
-            if e.op == "add":
-                self._encode_add(writer, p, t, tuple(e.shape), e.dtype)
+            if e.op in ("add", "native"):
+                self._encode_add(writer, p, t, tuple(e.shape), e.dtype, op=e.op)
             else:
                 self._encode_replace(writer, p, t)
+        self.adapter = art.manifest.adapter
         writer.flush()
         self.base_info = art.manifest.base
         if "config" in art.manifest.extra_files:
@@ -173,7 +207,9 @@ class _Job:
             self.config_json = tmp / CONFIG_NAME
         self.files = writer.files
 
-    def _encode_add(self, writer: PayloadWriter, p: Pair, d: torch.Tensor, shape: tuple[int, ...], dtype: str) -> None:
+    def _encode_add(self, writer: PayloadWriter, p: Pair, d: torch.Tensor, shape: tuple[int, ...], dtype: str,
+                    op: str = "add") -> torch.Tensor:
+        """Encode one delta (or an adapter's ``native`` tensor); returns what decoding gives back."""
         use_codec = self.codec.accepts(p.name, shape, self.config)
         codec, config = (self.codec, self.config) if use_codec else (self.dense, self.dense_config)
         d_in = d if codec.lossless else d.float()
@@ -185,9 +221,10 @@ class _Job:
         self.sq[1] += err2
         file, keys, sha = writer.add(p.name, enc)
         self.entries.append(TensorEntry(
-            name=p.name, base_name=p.base_name, op="add", shape=list(shape), dtype=dtype, codec=codec.name,
+            name=p.name, base_name=p.base_name, op=op, shape=list(shape), dtype=dtype, codec=codec.name,
             codec_version=codec.version, params=config.model_dump(mode="json"), meta=dict(enc.meta), file=file,
             payload=keys, sha256=sha, rel_error=math.sqrt(err2 / norm2) if norm2 > 0 else 0.0))
+        return dec
 
     def _encode_replace(self, writer: PayloadWriter, p: Pair, t: torch.Tensor) -> None:
         enc = self.dense.encode(t.contiguous(), self.dense_config, None, name=p.name)
@@ -203,12 +240,13 @@ class _Job:
         files = list(self.files) + ([CONFIG_NAME] if self.config_json else [])
         entries = [FileEntry(path=f, size=s, sha256=h) for f in files for s, h in [sha256_file(tmp / f)]]
         return Manifest(
-            format_version=FORMAT_VERSION, deltahub_version=deltahub.__version__, name=name, kind="delta",
-            base=self.base_info, tensors=self.entries, files=entries, fit_stats=self.fit_stats,
-            provenance=provenance, stats=self._stats(), extra_files={"config": CONFIG_NAME} if self.config_json else {})
+            format_version=FORMAT_VERSION, deltahub_version=deltahub.__version__, name=name,
+            kind=self.adapter.kind if self.adapter else "delta", base=self.base_info, tensors=self.entries,
+            files=entries, fit_stats=self.fit_stats, provenance=provenance, stats=self._stats(),
+            extra_files={"config": CONFIG_NAME} if self.config_json else {}, adapter=self.adapter)
 
     def _stats(self) -> dict[str, Any]:
-        adds = [e for e in self.entries if e.op == "add"]
+        adds = [e for e in self.entries if e.op in ("add", "native")]
         params = sum(e.numel for e in adds)
         bits = 8 * sum(e.stored_bytes() for e in adds)
         bpp = bits / params if params else 0.0
@@ -219,14 +257,27 @@ class _Job:
             "replaced_bytes": sum(e.stored_bytes() for e in self.entries if e.op == "replace"),
             "bits_per_param": round(bpp, 6), "ratio_vs_fp16": round(16 / bpp, 3) if bpp else None,
             "rel_error": round(math.sqrt(self.sq[1] / self.sq[0]), 6) if self.sq[0] else 0.0,
+            **self.extra_stats,
         }
+
+
+_HF_SNAPSHOT = re.compile(r"/models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)/snapshots/(?P<rev>[0-9a-f]{40})(/|$)")
+
+
+def base_location(path: Path) -> dict[str, str]:
+    """Where the base lives: a path, and its Hub repo and commit when it is a Hugging Face cache snapshot."""
+    resolved = str(Path(path).resolve())
+    m = _HF_SNAPSHOT.search(str(Path(path).absolute())) or _HF_SNAPSHOT.search(resolved)
+    if m:
+        return {"type": "hub", "repo": f"{m['org']}/{m['name']}", "revision": m["rev"], "path": resolved}
+    return {"type": "path", "path": resolved}
 
 
 def _base_info(base: Checkpoint, touched: list[str], prefix: dict[str, str]) -> BaseInfo:
     tensors = hash_tensors(base, sorted(touched))
     location: dict[str, str] = {}
     if base.path is not None:
-        location = {"type": "path", "path": str(Path(base.path).resolve())}
+        location = base_location(Path(base.path))
     cfg = base.config() or {}
     hint = cfg.get("_name_or_path") or (Path(base.path).name if base.path is not None else None)
     return BaseInfo(fingerprint=root_hash(tensors), tensors=tensors, name=hint or None, location=location, prefix=prefix)

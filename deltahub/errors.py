@@ -27,6 +27,22 @@ class CodecNotFoundError(DeltaHubError, LookupError):
         )
 
 
+class AdapterNotFoundError(DeltaHubError, LookupError):
+    """An unknown adapter kind was asked for."""
+
+    def __init__(self, name: str, available: list[str]):
+        self.kind = name
+        hint = difflib.get_close_matches(name, available, n=1)
+        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        super().__init__(
+            f"Unknown adapter kind '{name}'. Installed: {', '.join(sorted(available)) or 'none'}.{suggestion}"
+        )
+
+
+class UnsupportedAdapterError(DeltaHubError, ValueError):
+    """An adapter folder uses a method or option deltahub does not support yet (nothing is written)."""
+
+
 class PluginError(DeltaHubError, ImportError):
     """A plugin failed to load or is invalid (raised only when that plugin is asked for by name)."""
 

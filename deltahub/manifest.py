@@ -81,9 +81,9 @@ class PayloadKey(_Strict):
 
 
 class TensorEntry(_Strict):
-    name: str  # name in the fine-tuned model (what ``apply`` writes)
-    base_name: str | None  # name in the base, None for a tensor the base does not have
-    op: Literal["add", "replace"]
+    name: str  # name in the fine-tuned model (what ``apply`` writes); for ``native``, the adapter's tensor name
+    base_name: str | None  # name in the base, None for a tensor the base does not have; ``native``: its target
+    op: Literal["add", "replace", "native"]  # native: a tensor of an adapter kind (manifest.adapter says which)
     shape: list[int]
     dtype: Literal[DTYPES]  # type: ignore[valid-type]
     codec: str
@@ -128,11 +128,19 @@ class BaseInfo(_Strict):
     prefix: dict[str, str] = Field(default_factory=dict)  # {"strip": "bert."} or {"add": "bert."}
 
 
+class AdapterInfo(_Strict):
+    """An adapter expert: its kind (a ``deltahub.adapters`` plugin), that plugin's version, its JSON config."""
+
+    kind: str
+    version: int = Field(ge=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(_Strict):
     format_version: int
     deltahub_version: str
     name: str
-    kind: str = "delta"
+    kind: str = "delta"  # "delta", or the adapter kind (then ``adapter`` is set and says the same)
     base: BaseInfo
     tensors: list[TensorEntry]
     files: list[FileEntry]
@@ -140,9 +148,16 @@ class Manifest(_Strict):
     provenance: dict[str, Any] = Field(default_factory=dict)
     stats: dict[str, Any] = Field(default_factory=dict)
     extra_files: dict[str, str] = Field(default_factory=dict)  # role -> path, e.g. {"config": "model_config.json"}
+    adapter: AdapterInfo | None = None
+
+    def _dump(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if data.get("adapter") is None:  # delta manifests (and so their ids) are as before adapters existed
+            data.pop("adapter", None)
+        return data
 
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self._dump(), sort_keys=True, separators=(",", ":")).encode()
 
     @property
     def id(self) -> str:
@@ -150,7 +165,7 @@ class Manifest(_Strict):
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
+        return json.dumps(self._dump(), indent=1, sort_keys=True) + "\n"
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
@@ -186,6 +201,12 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ManifestError(f"{MANIFEST_NAME} is invalid at {where}: {err['msg']}. The artifact is corrupt; pull it again.") from None
+    if (manifest.kind == "delta") != (manifest.adapter is None) or (
+            manifest.adapter is not None and manifest.adapter.kind != manifest.kind):
+        raise ManifestError(f"{MANIFEST_NAME} says kind {manifest.kind!r} but its adapter block disagrees; the "
+                            "artifact is corrupt.")
+    if manifest.adapter is None and any(t.op == "native" for t in manifest.tensors):
+        raise ManifestError(f"{MANIFEST_NAME} has adapter tensors but no adapter block; the artifact is corrupt.")
     listed = {f.path for f in manifest.files}
     for t in manifest.tensors:
         if t.file not in listed:

@@ -37,15 +37,24 @@ def _split_name(value: str | None) -> tuple[str | None, str | None]:
 @click.command()
 @click.argument("name", required=False)
 def codecs(name: str | None) -> None:
-    """List installed codecs, or show the options of codec NAME.
+    """List installed codecs and adapter kinds, or show the options of codec NAME.
 
     \b
     Examples:
       deltahub codecs
       deltahub codecs compeft
+      deltahub codecs lora
     """
     from deltahub.codecs import discover_codecs, get_codec
 
+    from deltahub.adapter import available_adapters, discover_adapters, get_adapter
+
+    if name and name in available_adapters() and name not in _codec_names():
+        kind = get_adapter(name)
+        click.echo(f"{kind.name} v{kind.version}: {kind.pretty_name} (adapter kind)")
+        if kind.reference_url:
+            click.echo(f"paper: {kind.reference_url}")
+        return
     if name:
         codec = get_codec(name)
         click.echo(f"{codec.name} v{codec.version}: {codec.pretty_name}")
@@ -57,36 +66,51 @@ def codecs(name: str | None) -> None:
             click.echo(f"  {field:<18} default {default!r:<10} {info.description or ''}")
         return
     rows = [("NAME", "KIND", "VERSION", "DISTRIBUTION", "STATUS")]
-    for info in sorted(discover_codecs(), key=lambda i: i.name):
-        rows.append((info.name, "codec", str(info.version or "-"), info.distribution, "ok" if info.error is None else f"broken: {info.error}"))
+    for kind, infos in (("codec", discover_codecs()), ("adapter", discover_adapters())):
+        for info in sorted(infos, key=lambda i: i.name):
+            rows.append((info.name, kind, str(info.version or "-"), info.distribution,
+                         "ok" if info.error is None else f"broken: {info.error}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+
+
+def _codec_names() -> list[str]:
+    from deltahub.codecs import available_codecs
+
+    return available_codecs()
 
 
 # ------------------------------------------------------------------------------------------- compress
 @click.command()
 @click.argument("src")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output artifact folder.")
-@click.option("--base", help="Base model folder or .safetensors file (needed unless SRC is an artifact).")
-@click.option("--codec", default="compeft", show_default=True, help="Codec name; see `deltahub codecs`.")
+@click.option("--base", help="Base model folder or .safetensors file (needed unless SRC is an artifact, or an "
+                             "adapter whose config names a local or registered base).")
+@click.option("--codec", default=None, help="Codec name; see `deltahub codecs` (default: compeft; dense for adapters).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Codec option; repeatable.")
 @click.option("--name", help="Artifact name[:tag] (default: the output folder's name, tag latest).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL file of texts for codecs that calibrate (darex q=auto, bitdelta distill=true).")
-def compress(src: str, out: Path, base: str | None, codec: str, params: tuple[str, ...], name: str | None,
+def compress(src: str, out: Path, base: str | None, codec: str | None, params: tuple[str, ...], name: str | None,
              calibration: Path | None) -> None:
-    """Compress a fine-tuned checkpoint SRC against --base (or re-encode an artifact SRC).
+    """Compress a fine-tuned checkpoint or a PEFT LoRA folder SRC against --base (or re-encode an artifact SRC).
 
     \b
     Examples:
       deltahub compress ./finetuned --base ./base --codec compeft -p density=0.1 -o ./expert
       deltahub compress ./finetuned --base ./base --codec dense -o ./expert-lossless
       deltahub compress ./expert-lossless --codec compeft -p density=0.05 -o ./expert-small
+      deltahub compress ./my-lora --base ./base -o ./lora-expert              # a PEFT adapter folder
+      deltahub compress ./my-lora --base ./base --codec binary -o ./lora-1bit  # its factors at 1 bit
     """
     import deltahub
     from deltahub.codecs import get_codec
 
+    adapter = (Path(src) / "adapter_config.json").is_file()
+    codec = codec or ("dense" if adapter else "compeft")
+    if adapter and base is None:
+        base = _adapter_base(Path(src))
     codec_obj = get_codec(codec)
     config = codec_obj.parse_config(params)  # validate before any heavy work
     art_name, tag = _split_name(name)
@@ -100,6 +124,20 @@ def compress(src: str, out: Path, base: str | None, codec: str, params: tuple[st
     _print_summary(art)
 
 
+def _adapter_base(folder: Path) -> str | None:
+    """The base a PEFT folder names, when it is a local folder or a registered base; else None (core says why)."""
+    try:
+        hint = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not hint or Path(hint).expanduser().exists():
+        return None
+    from deltahub.registry import Registry
+
+    found = Registry().find_base_named(hint)
+    return str(found) if found is not None else None
+
+
 def _load_calibration(path: Path, src: str) -> Any:
     try:
         from deltahub.calibration import Calibration
@@ -110,6 +148,11 @@ def _load_calibration(path: Path, src: str) -> Any:
 
 def _print_summary(art: Any) -> None:
     s = art.manifest.stats
+    if art.manifest.adapter is not None:
+        click.echo(f"{art.name}  id {art.id[:12]}  {s.get('adapter')} adapter, {s.get('targets')} targets, ranks "
+                   f"{s.get('ranks')}  codec {s.get('codec')}  {s.get('payload_bytes', 0) / 1e6:.3f} MB  "
+                   f"rel. error of ΔW {s.get('rel_error'):.4f}  -> {art.folder}")
+        return
     click.echo(f"{art.name}  id {art.id[:12]}  codec {s.get('codec')}  "
                f"{s.get('bits_per_param'):.4f} bits/param  {s.get('ratio_vs_fp16')}x vs fp16  "
                f"rel. error {s.get('rel_error'):.4f}")
@@ -139,11 +182,18 @@ def inspect(artifact: str, as_json: bool) -> None:
     s, b = info["stats"], info["base"]
     click.echo(f"name          {info['name']}\nid            {info['id']}\nformat        v{info['format_version']}")
     click.echo(f"codec         {s.get('codec')} {s.get('codec_params')}")
-    click.echo(f"size          {s.get('payload_bytes', 0) / 1e6:.3f} MB delta for {s.get('params')} params: "
-               f"{s.get('bits_per_param'):.4f} bits/param, {s.get('ratio_vs_fp16')}x vs dense fp16")
+    if art.manifest.adapter is not None:
+        click.echo(f"size          {s.get('payload_bytes', 0) / 1e6:.3f} MB for {s.get('params')} adapter params "
+                   f"({s.get('bits_per_param'):.4f} bits each): {s.get('ratio_vs_fp16_delta')}x smaller than the "
+                   f"dense fp16 ΔW of its {s.get('delta_params')} weights")
+    else:
+        click.echo(f"size          {s.get('payload_bytes', 0) / 1e6:.3f} MB delta for {s.get('params')} params: "
+                   f"{s.get('bits_per_param'):.4f} bits/param, {s.get('ratio_vs_fp16')}x vs dense fp16")
     click.echo(f"rel. error    {s.get('rel_error')}")
     click.echo(f"tensors       {s.get('matched')} matched ({s.get('unchanged')} unchanged), {s.get('new')} new, "
                f"{s.get('replaced')} replaced, {s.get('kept_from_base')} kept from base")
+    if art.manifest.adapter is not None:
+        _inspect_adapter(art)
     click.echo(f"base          {b['name']}  fingerprint {b['fingerprint'][:16]}  ({b['tensors']} tensors)")
     if b["location"]:
         click.echo(f"base location {b['location']}")
@@ -155,6 +205,16 @@ def inspect(artifact: str, as_json: bool) -> None:
         if "auto.codec" in t["meta"]:  # show what `auto` chose, with its settings
             codec = f"auto:{t['meta']['auto.codec']} {t['meta'].get('auto.params', '')}"
         click.echo(f"{t['name'][:60]:<60} {t['op']:<8} {codec:<9} {str(t['shape']):<16} {t['stored_bytes']:>10} {err:>8}")
+
+
+def _inspect_adapter(art: Any) -> None:
+    cfg, s = art.manifest.adapter.config, art.manifest.stats
+    modules = cfg.get("modules", {})
+    peft = cfg.get("peft_config", {})
+    click.echo(f"adapter       {art.manifest.adapter.kind} v{art.manifest.adapter.version}: {len(modules)} target "
+               f"modules, ranks {s.get('ranks')}, alpha {peft.get('lora_alpha')}"
+               f"{', rsLoRA' if peft.get('use_rslora') else ''}; target_modules {peft.get('target_modules')}")
+    click.echo(f"              modules_to_save {peft.get('modules_to_save')}")
 
 
 # ------------------------------------------------------------------------------------------- apply

@@ -195,3 +195,7 @@ class Registry:
     def find_base(self, base_info: Any) -> Path | None:
         """The registered base whose tensor hashes match ``base_info`` (a manifest's ``base``), or None."""
         return self.local.find_base(base_info)
+
+    def find_base_named(self, name: str) -> Path | None:
+        """A registered base recorded under ``name`` (or whose folder has that name), or None."""
+        return self.local.find_base_named(name)

@@ -94,7 +94,7 @@ def _candidates(backend: LocalBackend, base_info: BaseInfo) -> list[tuple[str, b
             rec = _read(backend, rel)
             if rec is not None and _covers(rec, base_info):
                 out.append((rec["path"], False))
-    if base_info.location.get("type") == "path" and base_info.location.get("path"):
+    if base_info.location.get("path"):
         out.append((base_info.location["path"], False))  # where compress saw it: often still there
     return out
 
@@ -120,10 +120,23 @@ def find_base(backend: LocalBackend, base_info: BaseInfo) -> Path | None:
     return None
 
 
+def find_base_named(backend: LocalBackend, name: str) -> Path | None:
+    """A registered base recorded under ``name`` (or whose folder is called so) that still exists, or None.
+
+    For adapters whose config names their base (PEFT's ``base_model_name_or_path``): names are hints, so the
+    adapter is then bound to that base's bytes by fingerprint, as with ``--base``.
+    """
+    for rel in sorted(backend.walk("bases")):
+        rec = _read(backend, rel) if rel.endswith(".json") else None
+        if rec is not None and name in (rec.get("name"), Path(rec["path"]).name) and Path(rec["path"]).exists():
+            return Path(rec["path"])
+    return None
+
+
 def auto_register(backend: LocalBackend, base_info: BaseInfo) -> Path | None:
     """On push: file the base under the delta's fingerprint if its recorded local path still matches."""
     loc = base_info.location
-    if loc.get("type") != "path" or not loc.get("path") or not Path(loc["path"]).exists():
+    if not loc.get("path") or not Path(loc["path"]).exists():
         return None
     if not is_hex_id(base_info.fingerprint):
         return None

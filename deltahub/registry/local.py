@@ -239,6 +239,9 @@ class LocalRegistry:
     def find_base(self, base_info: Any) -> Path | None:
         return bases.find_base(self.backend, base_info)
 
+    def find_base_named(self, name: str) -> Path | None:
+        return bases.find_base_named(self.backend, name)
+
     def fetch_base(self, base_info: Any) -> Path:
         return bases.fetch_base(self.backend, base_info)
 

@@ -1,0 +1,1 @@
+"""Built-in adapter kinds, one module each, registered through the ``deltahub.adapters`` entry-point group."""

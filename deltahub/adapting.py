@@ -1,0 +1,133 @@
+"""Adapter experts: import (a PEFT folder), save natively trained adapters, and store their native tensors.
+
+``compress_adapter`` binds an adapter to its base the way ``compress`` binds a delta: each target weight is
+aligned with the base by name (across wrapper prefixes) and shape, its bytes fingerprinted, and each
+native tensor (a LoRA factor) encoded with the chosen codec. The error recorded is that of the weight
+deltas the adapter stands for (‖ΔW − ΔŴ‖/‖ΔW‖ over all targets), computed from the factors' Gram matrices
+for low-rank targets, so a 50k x 768 embedding delta is never built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltahub.adapter import AdapterKind, Imported, get_adapter
+from deltahub.artifact import Artifact, staging
+from deltahub.checkpoint import Checkpoint, dtype_name
+from deltahub.codecs import ListSource, get_codec
+from deltahub.constants import CARD_NAME
+from deltahub.delta import Pair, align
+from deltahub.errors import BaseMismatchError
+from deltahub.kernels.layouts import LowRank
+from deltahub.manifest import MANIFEST_NAME, AdapterInfo
+
+
+def compress_adapter(kind: AdapterKind | str, imported: Imported, *, base: Any, codec: str = "dense",
+                     out: str | os.PathLike[str] | None = None, name: str | None = None,
+                     provenance: dict[str, Any] | None = None, **params: Any) -> Artifact:
+    """Write an adapter artifact from native tensors.
+
+    Raises:
+        CodecNotFoundError, CodecConfigError: bad codec or options.
+        NothingMatchedError: no target weight is in the base.
+        BaseMismatchError: some target weight is missing from the base or has another shape.
+    """
+    from deltahub.compressing import _base_info, _Job
+
+    kind = get_adapter(kind) if isinstance(kind, str) else kind
+    codec_obj = get_codec(codec)
+    job = _Job(codec_obj, codec_obj.parse_config(params), None)
+    base_ckpt = Checkpoint.open(base)
+    out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deltahub-")) / "adapter"
+    with staging(out_path) as tmp:
+        pairs, prefix = _align(base_ckpt, imported)
+        job._fit(ListSource(imported.tensors), {k: tuple(t.shape) for k, t in imported.tensors.items()})
+        from deltahub.writer import PayloadWriter
+
+        writer = PayloadWriter(tmp)
+        owner = {k: t.weight for t in imported.targets for k in t.tensors}
+        decoded = {}
+        for key in sorted(imported.tensors):
+            t = imported.tensors[key]
+            p = Pair(key, pairs[owner[key]].base_name, "native")
+            decoded[key] = job._encode_add(writer, p, t, tuple(t.shape), dtype_name(t.dtype), op="native").to(t.dtype)
+        for key in sorted(imported.whole):
+            job._encode_replace(writer, Pair(key, pairs[key].base_name, "replace"), imported.whole[key])
+        writer.flush()
+        job.files = writer.files
+        job.base_info = _base_info(base_ckpt, [pairs[t.weight].base_name for t in imported.targets], prefix)
+        job.adapter = AdapterInfo(kind=kind.name, version=kind.version, config=imported.config)
+        job.counts.update(matched=len(imported.targets), new=sum(pairs[k].base_name is None for k in imported.whole),
+                          replaced=sum(pairs[k].base_name is not None for k in imported.whole))
+        job.extra_stats = _adapter_stats(kind, imported, decoded, job)
+        manifest = job.finish(tmp, name or out_path.name, provenance or {"source": "adapter"})
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        from deltahub.card import render_card
+
+        (tmp / CARD_NAME).write_text(render_card(manifest))
+    return Artifact.load(out_path)
+
+
+def _align(base: Checkpoint, imported: Imported) -> tuple[dict[str, Pair], dict[str, str]]:
+    """Target weights and whole tensors matched with the base by name and shape (meta tensors: no data)."""
+    view = {t.weight: torch.empty(t.shape, device="meta") for t in imported.targets}
+    view.update({k: torch.empty(v.shape, device="meta") for k, v in imported.whole.items()})
+    plan = align(base, Checkpoint(tensors=view))
+    pairs = {p.name: p for p in plan.pairs}
+    bad = [t for t in imported.targets if pairs[t.weight].op != "add"]
+    if bad:
+        t = bad[0]
+        where = pairs[t.weight].base_name
+        has = "lacks it" if where is None else f"has it as {list(base.info(where)[1])}"
+        raise BaseMismatchError(f"The adapter changes {t.weight!r} of shape {list(t.shape)}, and this base {has} "
+                                f"({len(bad)} of {len(imported.targets)} targets differ); use the base it was "
+                                "trained on.")
+    return pairs, plan.prefix
+
+
+def _gram_sq(parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
+    """‖Σ s_i B_i A_i‖²_F from r x r Gram matrices: ‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ)."""
+    B = torch.cat([s * b.double() for s, b, _ in parts], dim=1)
+    A = torch.cat([a.double() for _, _, a in parts], dim=0)
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
+def _adapter_stats(kind: AdapterKind, imported: Imported, decoded: dict[str, torch.Tensor], job: Any) -> dict:
+    delta_params = sum(math.prod(t.shape) for t in imported.targets)
+    stored = sum(e.stored_bytes() for e in job.entries if e.op == "native")
+    stats: dict[str, Any] = {"adapter": kind.name, "targets": len(imported.targets), "delta_params": delta_params,
+                             "ratio_vs_fp16_delta": round(2 * delta_params / stored, 3) if stored else None,
+                             "factor_rel_error": round(math.sqrt(job.sq[1] / job.sq[0]), 6) if job.sq[0] else 0.0}
+    want = kind.materialize(imported.tensors, imported.config)
+    got = kind.materialize(decoded, imported.config)
+    if all(isinstance(v, LowRank) for v in [*want.values(), *got.values()]):
+        norm = err = 0.0
+        for w, a in want.items():
+            b = got[w]
+            norm += _gram_sq([(a.scale, a.B, a.A)])
+            err += _gram_sq([(a.scale, a.B, a.A), (-b.scale, b.B, b.A)])
+        stats["rel_error"] = round(math.sqrt(max(err, 0.0) / norm), 6) if norm > 0 else 0.0
+        stats["ranks"] = sorted({v.rank for v in want.values()})
+    return stats
+
+
+def save_adapter(model: torch.nn.Module, *, kind: str = "lora", base: Any = None, codec: str = "dense",
+                 out: str | os.PathLike[str] | None = None, name: str | None = None, **params: Any) -> Artifact:
+    """Store the adapter that ``kind.inject`` added to ``model`` as an artifact.
+
+    ``base`` defaults to the model's own frozen weights (its state dict without the adapter's tensors,
+    ``base_layer.`` names undone), which is what the adapter was trained on.
+    """
+    kind_obj = get_adapter(kind)
+    tensors, config = kind_obj.native_tensors(model)
+    imported = Imported(config, tensors, kind_obj.targets(tensors, config))
+    if base is None:
+        base = {k.replace(".base_layer.", "."): v.detach() for k, v in model.state_dict().items() if k not in tensors}
+    return compress_adapter(kind_obj, imported, base=base, codec=codec, out=out, name=name,
+                            provenance={"source": f"{type(model).__name__} with {kind} injected"}, **params)
