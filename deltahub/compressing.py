@@ -46,16 +46,17 @@ class _ArtifactDelta(DeltaSource):
                 yield e.name, self.art.decode_tensor(e).float()
 
 
-def compress(finetuned: Any, *, base: Any = None, codec: str = "compeft", out: str | os.PathLike[str] | None = None,
+def compress(finetuned: Any, *, base: Any = None, codec: str | None = None, out: str | os.PathLike[str] | None = None,
              name: str | None = None, calibration: Any = None, provenance: dict[str, Any] | None = None,
              **params: Any) -> Artifact:
     """Compress a fine-tuned model against its base into an artifact folder.
 
     Args:
-        finetuned: a ``.safetensors`` file, a model folder, a state dict, a module, or an existing
-            artifact (path or :class:`Artifact`) to re-encode with another codec.
+        finetuned: a ``.safetensors`` file, a model folder, a state dict, a module, a PEFT LoRA folder, or
+            an existing artifact (path or :class:`Artifact`) to re-encode with another codec.
         base: the base model (same kinds); required unless ``finetuned`` is an artifact.
-        codec: codec name (``deltahub codecs`` lists them).
+        codec: codec name (``deltahub codecs`` lists them); default ``compeft``, and lossless ``dense`` for an
+            adapter folder (its factors are small already).
         out: the folder to write (replaced atomically); default a new temporary folder.
         name: the artifact's name (default: the output folder's name).
         calibration: calibration inputs for codecs whose ``fit`` uses them.
@@ -68,9 +69,10 @@ def compress(finetuned: Any, *, base: Any = None, codec: str = "compeft", out: s
         CodecNotFoundError, CodecConfigError: bad codec or options.
         CheckpointError, NothingMatchedError: unreadable or unrelated checkpoints.
     """
+    adapter = _as_adapter(finetuned)
+    codec = codec or ("dense" if adapter is not None else "compeft")
     codec_obj = get_codec(codec)
     config = codec_obj.parse_config(params)
-    adapter = _as_adapter(finetuned)
     if adapter is not None:
         return _compress_adapter_folder(adapter, finetuned, base, codec, out, name, provenance, params)
     source_art = _as_artifact(finetuned)

@@ -246,3 +246,86 @@ class CodecContract:
         assert merged.exists()
         decoded = again.decode()
         assert set(decoded) <= {"layer.0.weight", "layer.0.bias", "layer.1.weight", "norm.weight"}
+
+
+class TinyNet(torch.nn.Module):
+    """A small model with the layer types adapters target: an embedding, two linears (for contract tests)."""
+
+    def __init__(self, vocab: int = 23, dim: int = 12, hidden: int = 20, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.proj = torch.nn.Linear(dim, hidden)
+        self.out = torch.nn.Linear(hidden, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.proj(self.embed(ids)))).mean(1)
+
+
+class AdapterContract:
+    """Behaviour every adapter kind guarantees. Set ``kind_name`` and ``config`` (for ``TinyNet`` by default)."""
+
+    kind_name: ClassVar[str]
+    config: ClassVar[dict[str, Any]] = {}
+
+    def make_model(self) -> torch.nn.Module:
+        return TinyNet()
+
+    def inputs(self) -> torch.Tensor:
+        return torch.randint(0, 23, (4, 7), generator=torch.Generator().manual_seed(1))
+
+    def trained(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(base, adapted) with the adapter's parameters set to random values (as after training)."""
+        from deltahub.adapter import get_adapter
+
+        base, model = self.make_model().eval(), self.make_model().eval()
+        params = get_adapter(self.kind_name).inject(model, self.config)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return base, model
+
+    def test_inject_returns_only_trainable_adapter_parameters(self) -> None:
+        from deltahub.adapter import get_adapter
+
+        model = self.make_model()
+        params = get_adapter(self.kind_name).inject(model, self.config)
+        assert params and all(p.requires_grad for p in params)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == {id(p) for p in params}
+
+    def test_native_tensors_materialize_to_the_adapted_model(self) -> None:
+        import json
+
+        from deltahub.adapter import get_adapter
+        from deltahub.kernels import LAYOUTS
+
+        kind = get_adapter(self.kind_name)
+        base, model = self.trained()
+        tensors, config = kind.native_tensors(model)
+        json.dumps(config)  # the config is stored as JSON in the manifest
+        targets = kind.targets(tensors, config)
+        assert {k for t in targets for k in t.tensors} <= set(tensors)
+        made = kind.materialize(tensors, config)
+        sd = {k: v.clone() for k, v in base.state_dict().items()}
+        for t in targets:
+            res = made[t.weight]
+            assert isinstance(res, LAYOUTS) and tuple(res.shape) == tuple(t.shape) == tuple(sd[t.weight].shape)
+            apply_(sd[t.weight], res)
+        base.load_state_dict(sd)
+        x = self.inputs()
+        assert torch.allclose(base(x), model(x), rtol=1e-4, atol=1e-5)
+
+    def test_artifact_round_trip(self, tmp_path: Path) -> None:
+        import deltahub
+        from deltahub.adapting import save_adapter
+
+        base, model = self.trained()
+        art = save_adapter(model, kind=self.kind_name, out=tmp_path / "adapter")
+        again = deltahub.load(tmp_path / "adapter")
+        assert again.id == art.id and again.manifest.kind == self.kind_name
+        merged = deltahub.apply(again, base.state_dict())
+        base.load_state_dict(merged)
+        x = self.inputs()
+        assert torch.allclose(base(x), model(x), rtol=1e-4, atol=1e-5)

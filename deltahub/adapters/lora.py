@@ -39,11 +39,18 @@ _SUFFIXES = {".lora_A.weight": ("A", None), ".lora_B.weight": ("B", None),
              ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding")}
 _NEXT = "merge it with PEFT (`merge_and_unload()`) and compress the merged model instead; nothing was written."
 # options that change the math of a saved adapter, with the value that means "off"
-_UNSUPPORTED = {"use_dora": (False, "DoRA"), "lora_bias": (False, "LoRA biases"), "layer_replication": (None, "layer "
-                "replication"), "trainable_token_indices": (None, "trainable tokens"), "target_parameters": (None,
-                "LoRA on parameters"), "use_qalora": (False, "QA-LoRA"), "use_bdlora": (None, "BD-LoRA"),
-                "alora_invocation_tokens": (None, "activated LoRA"), "megatron_config": (None, "Megatron layers"),
-                "bias": ("none", "trained biases")}
+_UNSUPPORTED = {
+    "use_dora": (False, "DoRA"),
+    "lora_bias": (False, "LoRA biases"),
+    "layer_replication": (None, "layer replication"),
+    "trainable_token_indices": (None, "trainable tokens"),
+    "target_parameters": (None, "LoRA on parameters"),
+    "use_qalora": (False, "QA-LoRA"),
+    "use_bdlora": (None, "BD-LoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA"),
+    "megatron_config": (None, "Megatron layers"),
+    "bias": ("none", "trained biases"),
+}
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
@@ -81,7 +88,7 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
                               "loads pickle)" if pickled else "") + ": save the adapter with safe_serialization=True.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
+            return {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); save the adapter again.") from None
 
