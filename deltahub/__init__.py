@@ -25,15 +25,24 @@ _LAZY = {
     "available_codecs": "deltahub.codecs",
     "register_codec": "deltahub.codecs",
     "Registry": "deltahub.registry",
+    "save_adapter": "deltahub.adapting",
+    "compress_adapter": "deltahub.adapting",
+    "export": "deltahub.exporting",
+    "AdapterKind": "deltahub.adapter",
+    "get_adapter": "deltahub.adapter",
+    "register_adapter": "deltahub.adapter",
 }
 
 __all__ = ["__version__", "load", *_LAZY, *[n for n in vars(_errors) if n.endswith("Error")]]
 
 if TYPE_CHECKING:
+    from deltahub.adapter import AdapterKind, get_adapter, register_adapter
+    from deltahub.adapting import compress_adapter, save_adapter
     from deltahub.applying import apply
     from deltahub.artifact import Artifact
     from deltahub.codecs import Codec, CodecConfig, Encoded, available_codecs, get_codec, register_codec
     from deltahub.compressing import compress
+    from deltahub.exporting import export
     from deltahub.registry import Registry
 
 

@@ -294,6 +294,57 @@ def finetune(out_dir: Union[str, Path], *, steps: int = 200, lr: float = 1e-4,
     return out_dir
 
 
+LORA_TARGETS = ("query", "key", "value", "dense")
+
+
+def finetune_lora(out_dir: Union[str, Path], *, r: int = 8, alpha: int | None = None, steps: int = 200,
+                  lr: float = 1e-3, batch_size: int = 32, seed: int = 0, threads: int = 2,
+                  metrics: dict | None = None) -> Path:
+    """Train a PEFT LoRA (rank ``r``, α = 2r) on the polarity task and save the PEFT folder to ``out_dir``.
+
+    LoRA on every attention and feed-forward linear (``query``, ``key``, ``value``, ``dense``); the
+    classification head is trained whole (``modules_to_save``). ``out_dir`` holds ``adapter_config.json``
+    and ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes them.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    out_dir = Path(out_dir)
+    train, test = load_dataset(seed=seed)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        tokenizer = _tokenizer()
+        config = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=list(LORA_TARGETS),
+                            modules_to_save=["classifier"], lora_dropout=0.0)
+        model = get_peft_model(_init_classifier(seed), config)
+        _train_loop(model, tokenizer, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                    weight_decay=0.0)
+        train_seconds = time.perf_counter() - t0
+        model.save_pretrained(str(out_dir))
+        if metrics is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            metrics.update(r=r, steps=steps, lr=lr, trainable_params=trainable,
+                           train_seconds=round(train_seconds, 2),
+                           test_accuracy=evaluate(model, test, tokenizer=tokenizer))
+    finally:
+        torch.set_num_threads(prev_threads)
+    return out_dir
+
+
+def load_peft_classifier(adapter_dir: Union[str, Path]) -> torch.nn.Module:
+    """The base classifier with the PEFT adapter at ``adapter_dir`` loaded (eval mode)."""
+    from peft import PeftModel
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        base = BertForSequenceClassification.from_pretrained(str(base_model_dir()), num_labels=2)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: fine-tune into OUT_DIR and print base vs fine-tuned accuracy as JSON."""
     import argparse

@@ -129,3 +129,35 @@ def test_finetune_is_deterministic(tmp_path: Path) -> None:
     b = load_file(str(pt.finetune(tmp_path / "b", steps=4, batch_size=8) / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_trained_lora_round_trips_through_deltahub(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    import deltahub
+    from deltahub.exporting import export
+
+    metrics: dict = {}
+    adapter = pt.finetune_lora(tmp_path / "peft", r=4, steps=30, metrics=metrics)
+    assert metrics["test_accuracy"] > 0.6  # chance is ~0.5: the adapter learned the task
+    _, test = pt.load_dataset(seed=0)
+    words = [w for w, _ in test[:300]]
+    tok = pt._tokenizer()
+
+    def labels(folder: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return pt.load_peft_classifier(folder)(**pt._encode(tok, words)).logits.argmax(-1)
+
+    want = labels(adapter)
+    reg = deltahub.Registry()
+    for codec, params in [("dense", {}), ("binary", {"bits": 1})]:
+        art = deltahub.compress(adapter, base=pt.base_model_dir(), codec=codec, out=tmp_path / codec, name=codec,
+                                **params)
+        reg.push(art)
+        export(reg.pull(codec), tmp_path / f"{codec}-peft")
+        got = labels(tmp_path / f"{codec}-peft")
+        if codec == "dense":
+            assert torch.equal(got, want)
+        else:
+            assert float((got == want).float().mean()) > 0.8
