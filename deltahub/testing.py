@@ -109,6 +109,10 @@ def check_layout(layout: Resident, *, seed: int = 0) -> None:
             for backend in _backends():
                 got = apply_(w.clone(), layout, alpha=alpha, backend=backend)
                 _close(got, want, exact, f"apply_ {backend} {dtype} alpha={alpha}")
+                # out of place from a clean copy (the pool's hot swap): dst's old bytes must not matter
+                dst = torch.full_like(w, float("nan"))
+                got = apply_(dst, layout, alpha=alpha, source=w, backend=backend)
+                _close(got, want, exact, f"apply_ source= {backend} {dtype} alpha={alpha}")
                 if w.dim() == 2 and min(w.shape) > 1:  # a non-contiguous weight (a transposed view)
                     wt = w.t().contiguous().t()
                     _close(apply_(wt, layout, alpha=alpha, backend=backend), want, exact, f"apply_ {backend} view")

@@ -58,33 +58,43 @@ def check(weight: torch.Tensor, layout: Resident) -> None:
 
 
 @torch.no_grad()
-def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, backend: str | None = None) -> torch.Tensor:
-    """``weight ← round(weight + α·Δ)`` in place; returns ``weight``.
+def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, source: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """``weight ← round(source + α·Δ)`` in place (``source`` defaults to ``weight`` itself); returns ``weight``.
 
     Args:
         weight: fp16, bf16, fp32 or fp64, on the layout's device; non-contiguous views are handled.
         layout: a resident layout of the same shape.
         alpha: scale of Δ (a merge weight).
+        source: a clean copy W₀ of the weight (same shape, dtype, device): a hot-swap W ← W₀ + α·Δ in one
+            pass over memory on the compiled path, without a separate copy.
         backend: ``auto``/``torch``/``compiled``/``triton``; None reads DELTAHUB_KERNEL_BACKEND.
 
     Raises:
-        LayoutError: the layout does not fit the weight.
+        LayoutError: the layout (or ``source``) does not fit the weight.
         KernelError: an explicit backend that cannot run here.
     """
     check(weight, layout)
+    if source is not None and (source.shape != weight.shape or source.dtype != weight.dtype
+                               or source.device != weight.device):
+        raise LayoutError(f"source is {source.dtype} {list(source.shape)} on {source.device}; the weight is "
+                          f"{weight.dtype} {list(weight.shape)} on {weight.device}.")
     if weight.numel() == 0:
         return weight
     if not weight.is_contiguous():
-        tmp = weight.contiguous()
+        tmp = weight.contiguous() if source is None else source.contiguous().clone()
         apply_(tmp, layout, alpha=alpha, backend=backend)
         return weight.copy_(tmp)
+    src = None if source is None or source.data_ptr() == weight.data_ptr() else source.contiguous()
     which = backends.select(weight.device, backend)
+    if which == "compiled" and compiled_rows(weight, layout, float(alpha), 0, layout.matrix[0], src=src):
+        return weight
+    if src is not None:
+        weight.copy_(src)
     if which == "triton":
         from deltahub.kernels import apply_triton
 
         apply_triton.apply_(weight, layout, float(alpha))
-        return weight
-    if which == "compiled" and _compiled(weight, layout, float(alpha)):
         return weight
     with _one_thread():
         _torch_apply(weight, layout, float(alpha))
@@ -92,8 +102,10 @@ def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, backen
 
 
 # ------------------------------------------------------------------------------------ compiled (C)
-def compiled_rows(w: torch.Tensor, layout: Resident, alpha: float, r0: int, r1: int, w_row0: int = 0) -> bool:
-    """Rows [r0, r1) of round(w + α·Δ) by the C kernels, ``w`` holding rows from ``w_row0`` on.
+def compiled_rows(w: torch.Tensor, layout: Resident, alpha: float, r0: int, r1: int, w_row0: int = 0,
+                  src: torch.Tensor | None = None) -> bool:
+    """Rows [r0, r1) of round(src + α·Δ) (``src`` None: w itself) by the C kernels, ``w`` (and ``src``) holding
+    rows from ``w_row0`` on.
 
     False when there is no C kernel for the case (LowRank; fp64 Δ on half weights; no compiler).
     """
@@ -105,6 +117,7 @@ def compiled_rows(w: torch.Tensor, layout: Resident, alpha: float, r0: int, r1: 
     a, wdt, codes = native.addr, native.DTYPE_CODES[w.dtype], native.DTYPE_CODES
     rows, cols = layout.matrix
     work = (r1 - r0) * cols
+    sp = None if src is None else a(src)
     if isinstance(layout, Dense):
         d = layout.values
         if d.dtype == torch.float64 and w.dtype not in (torch.float32, torch.float64):
@@ -112,26 +125,22 @@ def compiled_rows(w: torch.Tensor, layout: Resident, alpha: float, r0: int, r1: 
         off = (r0 - w_row0) * cols * w.element_size()  # dense works on elements, not rows
         d_off = r0 * cols * d.element_size()
         native.run_split(lib.dh_apply_dense, 0, work, work,
-                         (a(w) + off, wdt, a(d) + d_off, codes[d.dtype], ..., alpha))
+                         (a(w) + off, None if sp is None else sp + off, wdt, a(d) + d_off, codes[d.dtype], ..., alpha))
     elif isinstance(layout, Codes):
-        native.run_split(lib.dh_apply_codes, r0, r1, work, (a(w), w_row0, wdt, rows, cols, ..., a(layout.planes),
+        native.run_split(lib.dh_apply_codes, r0, r1, work, (a(w), sp, w_row0, wdt, rows, cols, ..., a(layout.planes),
                                                             layout.bits, a(layout.codebook),
                                                             layout.codebook.shape[0], alpha))
     elif isinstance(layout, TernaryMask):
         rp = layout.row_ptr.to(torch.int64)
-        native.run_split(lib.dh_apply_mask, r0, r1, work, (a(w), w_row0, wdt, cols, ..., a(layout.mask),
+        native.run_split(lib.dh_apply_mask, r0, r1, work, (a(w), sp, w_row0, wdt, cols, ..., a(layout.mask),
                                                            a(layout.signs), layout.signs.numel(), a(rp),
                                                            layout.scale, alpha))
     else:
         rp = layout.row_ptr.to(torch.int64)
-        native.run_split(lib.dh_apply_csr, r0, r1, work, (a(w), w_row0, wdt, cols, ..., a(rp), a(layout.cols),
+        native.run_split(lib.dh_apply_csr, r0, r1, work, (a(w), sp, w_row0, wdt, cols, ..., a(rp), a(layout.cols),
                                                           codes[layout.cols.dtype], a(layout.values),
                                                           codes[layout.values.dtype], layout.scale, alpha))
     return True
-
-
-def _compiled(w: torch.Tensor, layout: Resident, alpha: float) -> bool:
-    return compiled_rows(w, layout, alpha, 0, layout.matrix[0])
 
 
 # ------------------------------------------------------------------------------------------ torch

@@ -289,6 +289,23 @@ static int mask_avx512(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, 
 }
 #endif
 
+/* ----------------------------------------------------------------------- out-of-place: dst = src + a·D */
+/* With a source (a clean copy W0 of the weight), each block of rows is copied from it and then updated in
+ * place while still in L1/L2: one pass over memory for a hot-swap W <- W0 + alpha·Delta, instead of a copy
+ * pass and an apply pass. 16 rows of 4096 fp32 = 256 KB. */
+enum { BLOCK_ROWS = 16 };
+static int64_t elem_size(int wdt) { return wdt == DT_F64 ? 8 : wdt == DT_F32 ? 4 : 2; }
+static void copy_rows(void *w, const void *src, int wdt, int64_t wr0, int64_t cols, int64_t a, int64_t b) {
+    const int64_t es = elem_size(wdt);
+    memcpy((char *)w + (a - wr0) * cols * es, (const char *)src + (a - wr0) * cols * es, (size_t)((b - a) * cols * es));
+}
+#define BLOCKED(SRC, R0, R1, BODY)                                                                                     \
+    for (int64_t b0 = (R0); b0 < (R1); b0 += BLOCK_ROWS) {                                                             \
+        const int64_t b1 = b0 + BLOCK_ROWS < (R1) ? b0 + BLOCK_ROWS : (R1);                                            \
+        if (SRC) copy_rows(w, SRC, wdt, wr0, cols, b0, b1);                                                             \
+        BODY;                                                                                                          \
+    }
+
 /* ------------------------------------------------------------------------------- exported entries */
 #define DISPATCH_W(WDT, CALL)                                                                                          \
     switch (WDT) {                                                                                                     \
@@ -299,9 +316,8 @@ static int mask_avx512(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, 
         default: return -1;                                                                                            \
     }
 
-int dh_apply_codes(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const uint8_t *planes,
-                   int bits, const float *book, int64_t book_rows, double alpha) {
-    if (bits < 1 || bits > 8) return -2;
+static int codes_rows(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
+                      const uint8_t *planes, int bits, const float *book, int64_t book_rows, double alpha) {
 #ifdef HAVE_AVX512
     if (bits <= 4 && wdt != DT_F64) return codes_avx512(w, wr0, wdt, rows, cols, r0, r1, planes, bits, book, book_rows, alpha);
 #endif
@@ -309,8 +325,16 @@ int dh_apply_codes(void *w, int64_t wr0, int wdt, int64_t rows, int64_t cols, in
     DISPATCH_W(wdt, CALL_CODES)
 }
 
-int dh_apply_mask(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
-                  const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale, double alpha) {
+int dh_apply_codes(void *w, const void *src, int64_t wr0, int wdt, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
+                   const uint8_t *planes, int bits, const float *book, int64_t book_rows, double alpha) {
+    if (bits < 1 || bits > 8 || elem_size(wdt) == 0) return -2;
+    int rc = 0;
+    BLOCKED(src, r0, r1, rc |= codes_rows(w, wr0, wdt, rows, cols, b0, b1, planes, bits, book, book_rows, alpha))
+    return rc;
+}
+
+static int mask_rows(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const uint8_t *mask,
+                     const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale, double alpha) {
 #ifdef HAVE_AVX512
     if (wdt != DT_F64) return mask_avx512(w, wr0, wdt, cols, r0, r1, mask, signs, sign_bytes, row_ptr, scale, alpha);
 #endif
@@ -318,8 +342,16 @@ int dh_apply_mask(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64
     DISPATCH_W(wdt, CALL_MASK)
 }
 
-int dh_apply_csr(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,
-                 const void *colidx, int cdt, const void *values, int vdt, double scale, double alpha) {
+int dh_apply_mask(void *w, const void *src, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1,
+                  const uint8_t *mask, const uint8_t *signs, int64_t sign_bytes, const int64_t *row_ptr, double scale,
+                  double alpha) {
+    int rc = 0;
+    BLOCKED(src, r0, r1, rc |= mask_rows(w, wr0, wdt, cols, b0, b1, mask, signs, sign_bytes, row_ptr, scale, alpha))
+    return rc;
+}
+
+static int csr_rows(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1, const int64_t *row_ptr,
+                    const void *colidx, int cdt, const void *values, int vdt, double scale, double alpha) {
     if (cdt != DT_U16 && cdt != DT_I32) return -2;
     const int col16 = cdt == DT_U16;
 #define CSR_V(S, T, VS, VT) csr_##S##_##VS((T *)w, wr0, cols, r0, r1, row_ptr, colidx, col16, (const VT *)values, scale, alpha)
@@ -334,7 +366,15 @@ int dh_apply_csr(void *w, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_
     DISPATCH_W(wdt, CALL_CSR)
 }
 
-int dh_apply_dense(void *w, int wdt, const void *d, int ddt, int64_t i0, int64_t i1, double alpha) {
+int dh_apply_csr(void *w, const void *src, int64_t wr0, int wdt, int64_t cols, int64_t r0, int64_t r1,
+                 const int64_t *row_ptr, const void *colidx, int cdt, const void *values, int vdt, double scale,
+                 double alpha) {
+    int rc = 0;
+    BLOCKED(src, r0, r1, rc |= csr_rows(w, wr0, wdt, cols, b0, b1, row_ptr, colidx, cdt, values, vdt, scale, alpha))
+    return rc;
+}
+
+static int dense_range(void *w, int wdt, const void *d, int ddt, int64_t i0, int64_t i1, double alpha) {
     if (ddt == DT_F64) {
         if (wdt == DT_F32) { dense_f32_f64((float *)w, (const double *)d, i0, i1, alpha); return 0; }
         if (wdt == DT_F64) { dense_f64_f64((double *)w, (const double *)d, i0, i1, alpha); return 0; }
@@ -351,4 +391,15 @@ int dh_apply_dense(void *w, int wdt, const void *d, int ddt, int64_t i0, int64_t
     DISPATCH_W(wdt, CALL_DENSE)
 }
 
-int dh_abi_version(void) { return 3; }
+int dh_apply_dense(void *w, const void *src, int wdt, const void *d, int ddt, int64_t i0, int64_t i1, double alpha) {
+    const int64_t wr0 = 0, cols = 1; /* elements as rows of one column, blocks of 64 K elements */
+    int rc = 0;
+    for (int64_t b0 = i0; b0 < i1; b0 += 65536) {
+        const int64_t b1 = b0 + 65536 < i1 ? b0 + 65536 : i1;
+        if (src) copy_rows(w, src, wdt, wr0, cols, b0, b1);
+        rc |= dense_range(w, wdt, d, ddt, b0, b1, alpha);
+    }
+    return rc;
+}
+
+int dh_abi_version(void) { return 4; }

@@ -44,10 +44,10 @@ MIN_SPLIT = 1 << 18  # elements per thread below which splitting costs more than
 _state: dict[str, Any] = {}
 i64, f64, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "dh_apply_codes": [ptr, i64, cint, i64, i64, i64, i64, ptr, cint, ptr, i64, f64],
-    "dh_apply_mask": [ptr, i64, cint, i64, i64, i64, ptr, ptr, i64, ptr, f64, f64],
-    "dh_apply_csr": [ptr, i64, cint, i64, i64, i64, ptr, ptr, cint, ptr, cint, f64, f64],
-    "dh_apply_dense": [ptr, cint, ptr, cint, i64, i64, f64],
+    "dh_apply_codes": [ptr, ptr, i64, cint, i64, i64, i64, i64, ptr, cint, ptr, i64, f64],
+    "dh_apply_mask": [ptr, ptr, i64, cint, i64, i64, i64, ptr, ptr, i64, ptr, f64, f64],
+    "dh_apply_csr": [ptr, ptr, i64, cint, i64, i64, i64, ptr, ptr, cint, ptr, cint, f64, f64],
+    "dh_apply_dense": [ptr, ptr, cint, ptr, cint, i64, i64, f64],
 }
 
 
