@@ -31,6 +31,7 @@ _LAZY = {
     "AdapterKind": "deltahub.adapter",
     "get_adapter": "deltahub.adapter",
     "register_adapter": "deltahub.adapter",
+    "ExpertPool": "deltahub.serving.pool",
 }
 
 __all__ = ["__version__", "load", *_LAZY, *[n for n in vars(_errors) if n.endswith("Error")]]
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from deltahub.compressing import compress
     from deltahub.exporting import export
     from deltahub.registry import Registry
+    from deltahub.serving.pool import ExpertPool
 
 
 def load(path: Any, *, verify: bool = True) -> Artifact:

@@ -120,3 +120,23 @@ class RemoteError(RegistryError):
 
 class AuthError(RemoteError, PermissionError):
     """The remote refused our credentials."""
+
+
+class ExpertNotFoundError(DeltaHubError, LookupError):
+    """An ExpertPool was asked for an expert name it does not hold."""
+
+
+class ExpertExistsError(DeltaHubError, ValueError):
+    """An ExpertPool already holds an expert of this name (``replace`` swaps it for a new version)."""
+
+
+class BudgetError(DeltaHubError, RuntimeError):
+    """An expert (or a batch's experts) cannot fit in the ExpertPool's memory budget."""
+
+
+class ModeError(DeltaHubError, RuntimeError):
+    """Merged mode (``activate``) and on-the-fly mode (``route``) were mixed; the pool runs one at a time."""
+
+
+class UnservableExpertError(DeltaHubError, ValueError):
+    """An expert changes the model's structure (a new or reshaped tensor), which a pool cannot serve in place."""
