@@ -101,8 +101,14 @@ def _apply_module(art: Artifact, module: torch.nn.Module, alpha: float, verify: 
                 f"Tensor {e.name!r} is new or reshaped in the fine-tuned model and cannot be applied to a module in "
                 "place; apply to a state dict or a model folder instead."
             )
+    seen: set[tuple[int, int]] = set()
     for e in terms:
-        merged_tensor(art, e, sd[e.base_name], alpha)  # state_dict tensors share storage with the parameters
+        t = sd[e.base_name]  # state_dict tensors share storage with the parameters
+        where = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if where in seen:  # tied weights (GPT-2 wte / lm_head): one tensor, so one delta
+            continue
+        seen.add(where)
+        merged_tensor(art, e, t, alpha)
 
 
 def _apply_files(art: Artifact, ckpt: Checkpoint, alpha: float, out: Path) -> Path:

@@ -10,8 +10,9 @@ sha256 of each touched tensor of the clean model must match the record (or its b
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ class ModelIndex:
         if how == "add":
             return lambda n: p + n
         if how == "strip":
-            return lambda n: n[len(p):] if n.startswith(p) else n
+            return lambda n: n.removeprefix(p)
         return lambda n: n
 
 

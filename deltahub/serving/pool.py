@@ -191,10 +191,11 @@ class ExpertPool:
             self._switch(target, float(alpha))
 
     @contextmanager
-    def using(self, name: str | None, *, alpha: float = 1.0) -> Iterator[None]:
+    def using(self, name: str | None, *, alpha: float = 1.0) -> Iterator[str | None]:
         """Run a request on expert ``name`` merged into the weights, holding a lease while it runs.
 
-        Requests for the expert already active share it; another expert waits until they finish.
+        Requests for the expert already active share it; another expert waits until they finish. Yields the
+        version id that serves the block (None for the base).
 
         Raises:
             ExpertNotFoundError, BudgetError: as :meth:`activate`.
@@ -210,7 +211,7 @@ class ExpertPool:
             if target is not None:
                 target.leases += 1
         try:
-            yield
+            yield None if target is None else target.id
         finally:
             with self._cond:
                 self._merged_leases -= 1
@@ -220,10 +221,11 @@ class ExpertPool:
 
     # ------------------------------------------------------------------------------ on-the-fly mode
     @contextmanager
-    def route(self, names: Sequence[str | None]) -> Iterator[None]:
+    def route(self, names: Sequence[str | None]) -> Iterator[list[str | None]]:
         """Within the block, batch row i of every forward pass in this thread uses expert ``names[i]``.
 
-        ``None`` rows get the base. Works around ``model.generate``: rows expanded for beams or
+        ``None`` rows get the base. Yields the version id that serves each row (None for the base): names are
+        resolved once, here, so a concurrent ``replace`` changes the next request, not this one. Works around ``model.generate``: rows expanded for beams or
         ``num_return_sequences`` keep their expert. The model must be in the base state (no active expert).
 
         Raises:
@@ -245,7 +247,7 @@ class ExpertPool:
                              device=self.device)
         routing.enter(routing.RouteContext(versions, index))
         try:
-            yield
+            yield [None if n is None else resolved[n].id for n in names]
         finally:
             routing.leave()
             with self._cond:

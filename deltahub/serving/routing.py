@@ -8,11 +8,12 @@ runs with no per-call cost. Per module and use (see :data:`deltahub.serving.bind
 - ``embedding``: y_i = round(y_i + Δ_e[ids_i]) from the packed rows, bit-exact with the merged lookup;
 - ``bias``: y_i += Δb_e;
 - ``other`` (LayerNorm and RMSNorm weights, anything else): the module is run again on expert e's rows with
-  its merged parameters (torch.func.functional_call), which is exact and cheap for these small modules.
+  its merged parameters (a shallow copy that reads them), which is exact and cheap for these small modules.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,19 @@ def _recompute(module: torch.nn.Module, ctx: RouteContext, plan: list, idx: torc
               for k, v in kwargs.items()}
         ctx.busy = True
         try:
-            output[m] = torch.func.functional_call(module, params, tuple(cut), kw)
+            output[m] = _with_params(module, params)(*cut, **kw)
         finally:
             ctx.busy = False
+
+
+def _with_params(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A shallow copy of ``module`` that reads ``params`` instead of its own tensors.
+
+    Not torch.func.functional_call: that swaps the tensors on the shared module for the call, and another
+    thread's base rows running the same module meanwhile would read the expert's weights. The copy shares
+    children and hooks (our hook skips it: ``ctx.busy``) and costs a few microseconds.
+    """
+    clone = copy.copy(module)
+    clone._parameters = {**module._parameters, **{k: v for k, v in params.items() if k in module._parameters}}
+    clone._buffers = {**module._buffers, **{k: v for k, v in params.items() if k in module._buffers}}
+    return clone
