@@ -109,6 +109,23 @@ class Checkpoint:
         for name in self.keys():
             yield name, self.get(name)
 
+    def alias_of(self, name: str) -> str | None:
+        """The earlier name of the same in-memory tensor (tied weights in a module's state dict), or None."""
+        if self._tensors is None:
+            return None  # safetensors files hold no shared tensors (save_pretrained drops the tied copy)
+        t = self._tensors[name]
+        if t.device.type == "meta":
+            return None
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        for other in self._tensors:
+            if other == name:
+                return None
+            o = self._tensors[other]
+            if o.device.type != "meta" and (o.untyped_storage().data_ptr(), o.storage_offset(), tuple(o.shape),
+                                            o.stride()) == key:
+                return other
+        return None
+
     def file_of(self, name: str) -> Path | None:
         return self._files.get(name)
 

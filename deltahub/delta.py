@@ -69,6 +69,8 @@ def align(base: Checkpoint, ft: Checkpoint) -> Plan:
     pairs = []
     for k in ft_keys:
         b = mapping.get(k)
+        if b is None and ft.alias_of(k) is not None:
+            continue  # a tied copy (GPT-2's lm_head of wte) the base file lacks: its delta is its twin's
         same = b is not None and base.info(b)[1] == ft.info(k)[1]
         pairs.append(Pair(k, b, "add" if same else "replace"))
     used = set(mapping.values())

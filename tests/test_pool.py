@@ -376,3 +376,18 @@ def test_tied_weights_get_the_delta_once(tmp_path: Path) -> None:
     pool.add("tied", art)
     pool.activate("tied")
     torch.testing.assert_close(base.transformer.wte.weight, ft["transformer.wte.weight"], rtol=0, atol=1e-6)
+
+
+def test_compress_of_a_tied_module_stores_the_tied_copy_once(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    ft = transformers.GPT2LMHeadModel(cfg).eval()
+    ft.save_pretrained(str(tmp_path / "base"))  # writes wte only: lm_head is tied to it
+    with torch.no_grad():
+        ft.transformer.wte.weight.add_(0.1)
+    art = deltahub.compress(ft, base=tmp_path / "base", codec="dense", out=tmp_path / "art")
+    assert [e.name for e in art.manifest.tensors] == ["transformer.wte.weight"]
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")).eval()
+    deltahub.apply(art, model)
+    assert torch.equal(model.lm_head.weight, ft.lm_head.weight)

@@ -35,6 +35,7 @@ class RouteContext:
     index: torch.Tensor
     plans: dict[str, list] = field(default_factory=dict)
     busy: bool = False
+    batch: int | None = None  # rows of the model's input in the current forward (seen by the root pre-hook)
 
     def rows(self, lead: int, where: str) -> torch.Tensor:
         n = self.index.shape[0]
@@ -65,6 +66,7 @@ class Hooks:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.root = model.register_forward_pre_hook(_see_batch, with_kwargs=True)
         self.handles: dict[str, Any] = {}
         self.owned: dict[str, list[tuple[str, str, str]]] = {}  # module path -> (slot name, attr, use)
 
@@ -94,6 +96,7 @@ class Hooks:
                 self.handles[path] = module.register_forward_hook(_make_hook(self, path), with_kwargs=True)
 
     def remove(self) -> None:
+        self.root.remove()
         for h in self.handles.values():
             h.remove()
         self.handles.clear()
@@ -118,6 +121,17 @@ def _inside(child: str, parent: str) -> bool:
     return child != parent and (parent == "" or child.startswith(parent + "."))
 
 
+def _see_batch(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Note the batch rows of the model's own input (``input_ids``/``inputs_embeds``, else the first tensor)."""
+    ctx = current()
+    if ctx is None or ctx.busy:
+        return
+    first = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if first is None:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()), None)
+    ctx.batch = None if first is None else int(first.shape[0])
+
+
 def _make_hook(hooks: Hooks, path: str) -> Any:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = current()
@@ -130,6 +144,11 @@ def _make_hook(hooks: Hooks, path: str) -> Any:
             raise UnservableExpertError(f"Module {path!r} returns {type(output).__name__}, not a tensor; the pool "
                                         "cannot add per-row terms to it. Serve this expert in merged mode (activate).")
         x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] == 1 and ctx.index.shape[0] > 1:
+            # an input shared by every row (GPT-2's position ids are [1, seq]): give each row its own output
+            rows = ctx.batch or ctx.index.shape[0]
+            x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:]).clone()
+            args = (x, *args[1:]) if args else args
         idx = ctx.rows(x.shape[0], f"module {path!r}")
         with torch.no_grad():
             if any(use == "other" for _, use, _ in plan):
