@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from deltahub.artifact import Artifact, Term, staging
 from deltahub.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from deltahub.constants import progress_disabled
+from deltahub.delta import _candidates
 from deltahub.errors import CheckpointError
 from deltahub.fingerprint import verify_base
 from deltahub.kernels import apply_
@@ -92,23 +94,41 @@ def _apply_state_dict(art: Artifact, ckpt: Checkpoint, alpha: float) -> dict[str
 @torch.no_grad()
 def _apply_module(art: Artifact, module: torch.nn.Module, alpha: float, verify: bool) -> None:
     sd = module.state_dict()
-    if verify:
-        verify_base(Checkpoint.open(sd), art.manifest.base.tensors, artifact=f"artifact {art.name!r}")
     terms = art.terms()
+    to_module = _module_names([r.name for r in art.manifest.base.tensors], list(sd))
+    if verify:
+        view = {r.name: sd[to_module(r.name)] for r in art.manifest.base.tensors if to_module(r.name) in sd}
+        verify_base(Checkpoint.open(view), art.manifest.base.tensors, artifact=f"artifact {art.name!r}")
+    targets = []
     for e in terms:
-        if e.base_name is None or e.base_name not in sd or e.op != "add":
+        name = to_module(e.base_name) if e.base_name is not None else next(
+            (n for n in (e.name, to_module(e.name)) if n in sd), None)  # a new head the module has a place for
+        if name not in sd or tuple(sd[name].shape) != tuple(e.shape) or (e.base_name is not None and e.op != "add"):
             raise CheckpointError(
                 f"Tensor {e.name!r} is new or reshaped in the fine-tuned model and cannot be applied to a module in "
                 "place; apply to a state dict or a model folder instead."
             )
+        targets.append((e, sd[name]))  # state_dict tensors share storage with the parameters
     seen: set[tuple[int, int]] = set()
-    for e in terms:
-        t = sd[e.base_name]  # state_dict tensors share storage with the parameters
+    for e, t in targets:
         where = (t.untyped_storage().data_ptr(), t.storage_offset())
         if where in seen:  # tied weights (GPT-2 wte / lm_head): one tensor, so one delta
             continue
         seen.add(where)
-        merged_tensor(art, e, t, alpha)
+        if e.base_name is None:
+            t.copy_(art.decode_tensor(e.entry))
+        else:
+            merged_tensor(art, e, t, alpha)
+
+
+def _module_names(names: list[str], module_names: list[str]) -> Callable[[str], str]:
+    """The one prefix change that maps most artifact base names onto a module's (``BertModel`` names onto a
+    ``BertForSequenceClassification``: add ``bert.``; or the reverse); identity wins ties."""
+    have = set(module_names)
+    options: list[Callable[[str], str]] = [lambda n: n]
+    options += [lambda n, p=p: p + n for p in sorted(_candidates(module_names))]
+    options += [lambda n, p=p: n.removeprefix(p) for p in sorted(_candidates(names))]
+    return max(options, key=lambda f: sum(f(n) in have for n in names))
 
 
 def _apply_files(art: Artifact, ckpt: Checkpoint, alpha: float, out: Path) -> Path:

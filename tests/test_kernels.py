@@ -283,3 +283,37 @@ def test_mixed_batch_index_per_sequence_and_bad_index() -> None:
         mixed_linear(x, w, torch.tensor([2, 0, 0]), experts)
     with pytest.raises(LayoutError, match="index must be an integer tensor of shape"):
         mixed_linear(x, w, torch.zeros(4, dtype=torch.long), experts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_of_lora_experts_as_two_gemms(dtype: torch.dtype) -> None:
+    """LoRA-only batches on CPU take LowRankBatch (factors concatenated): same rows as the reference."""
+    from deltahub.kernels.layouts import LowRank
+    from deltahub.kernels.matmul import LowRankBatch
+
+    g = torch.Generator().manual_seed(3)
+    experts = [LowRank(A=torch.randn(2, 40, generator=g), B=torch.randn(24, 2, generator=g), scale=2.0, shape=(24, 40)),
+               None,
+               LowRank(A=torch.randn(3, 24, generator=g), B=torch.randn(40, 3, generator=g), scale=0.5, shape=(24, 40),
+                       transposed=True),
+               LowRank(A=torch.randn(4, 40, generator=g).half(), B=torch.randn(24, 4, generator=g).half(), scale=1.0,
+                       shape=(24, 40))]
+    x = torch.randn(2, 13, 40, generator=g).to(dtype)
+    weight = torch.randn(24, 40, generator=g).to(dtype)
+    index = torch.tensor([3, -1])
+    index2 = torch.randint(-1, 4, (26,), generator=g)  # per token of the flattened batch
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for xs, idx in ((x, index), (x.reshape(26, 40), index2)):
+        want = ref.mixed_linear(xs, weight, experts, idx, [1.0] * 4, None)
+        prepared = LowRankBatch.build(experts, x_dtype=dtype)
+        assert prepared is not None
+        torch.testing.assert_close(mixed_linear(xs, weight, idx, prepared), want, **tol)
+        torch.testing.assert_close(mixed_linear(xs, weight, idx, experts), want, **tol)
+    alphas = [0.5, 1.0, -1.0, 2.0]
+    torch.testing.assert_close(mixed_linear(x.reshape(26, 40), weight, index2, experts, alphas=alphas),
+                               ref.mixed_linear(x.reshape(26, 40), weight, experts, index2, alphas, None), **tol)
+    base_rows = mixed_linear(x, weight, torch.tensor([-1, -1]), LowRankBatch.build(experts, x_dtype=dtype))
+    assert torch.equal(base_rows, torch.nn.functional.linear(x, weight))  # base rows get exactly nothing
+    assert LowRankBatch.build([experts[0], random_layout("mask", (24, 40), seed=1)]) is None
+    with pytest.raises(LayoutError, match=r"index holds experts outside \[-1, 3\]"):
+        mixed_linear(x, weight, torch.tensor([4, 0]), LowRankBatch.build(experts))

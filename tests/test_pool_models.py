@@ -169,6 +169,9 @@ def decoder(request: pytest.FixtureRequest, tmp_path: Path):
     lora = _random_lora(make(), tmp_path / "lora-peft", seed=4, r=4, lora_alpha=8, target_modules=targets,
                         fan_in_fan_out=request.param == "gpt2")
     arts["lora"] = deltahub.compress(lora, base=tmp_path / "base", out=tmp_path / "lora", name="lora")
+    lora2 = _random_lora(make(), tmp_path / "lora2-peft", seed=5, r=2, lora_alpha=3, target_modules=targets,
+                         fan_in_fan_out=request.param == "gpt2")
+    arts["lora2"] = deltahub.compress(lora2, base=tmp_path / "base", out=tmp_path / "lora2", name="lora2")
     return make, arts
 
 
@@ -234,3 +237,38 @@ def test_decoder_merged_swaps_keep_the_tie_and_restore(decoder) -> None:
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     pool.activate(None)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_to_a_wrapping_module_aligns_names_and_sets_the_head(minilm) -> None:
+    """deltahub.apply(expert of BertModel, BertForSequenceClassification) == the merged fine-tune, head included."""
+    pt, base_dir, arts = minilm
+    for name in ("dense", "lora"):
+        model = deltahub.apply(arts[name], pt._init_classifier(seed=0))
+        ref = _minilm_merged(pt, base_dir, arts[name]).state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items()), name
+    other = pt._init_classifier(seed=0)
+    with torch.no_grad():
+        other.bert.pooler.dense.weight[0, 0] += 1.0
+    with pytest.raises(deltahub.BaseMismatchError, match=r"first mismatch: 'pooler.dense.weight'"):
+        deltahub.apply(arts["dense"], other)
+
+
+def test_decoder_batch_of_lora_experts_only(decoder) -> None:
+    """Layers where every routed expert is LoRA take the two-GEMM path; rows still equal their merged models."""
+    make, arts = decoder
+    model = make()
+    pool = ExpertPool(model)
+    for name in ("lora", "lora2"):
+        pool.add(name, arts[name])
+    names = ["lora2", None, "lora", "lora", None, "lora2"]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        with pool.route(names):
+            got = model(PROMPTS).logits
+            gen = model.generate(PROMPTS, attention_mask=torch.ones_like(PROMPTS), **kw)
+        for i, n in enumerate(names):
+            ref = make() if n is None else _merged_decoder(make, arts[n])
+            torch.testing.assert_close(got[i], ref(PROMPTS[i:i + 1]).logits[0], **LOGIT_TOL, msg=f"row {i} ({n})")
+            one = ref.generate(PROMPTS[i:i + 1], attention_mask=torch.ones_like(PROMPTS[i:i + 1]), **kw)
+            assert gen[i].tolist() == one[0].tolist(), f"row {i} ({n})"
+    assert pool._hooks.batches  # the prepared LoRA batches were used and kept

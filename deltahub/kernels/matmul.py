@@ -122,12 +122,16 @@ def mixed_matmul_(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, exper
                   alphas: Sequence[float] | None = None, backend: str | None = None) -> torch.Tensor:
     """``out[i] ← round(out[i] + α_e·x_i Δ_eᵀ)`` with e = index[i]; e = −1 (or a None expert) leaves row i.
 
-    ``experts`` is a list of layouts (any mix of kinds and codecs, one shape) or an
-    :class:`~deltahub.kernels.stack.ExpertStack` built once for them. Rows may come in any order.
+    ``experts`` is a list of layouts (any mix of kinds and codecs, one shape), or an
+    :class:`~deltahub.kernels.stack.ExpertStack` (or, for LoRA experts on CPU, a :class:`LowRankBatch` built
+    with no ``alphas`` of its own) built once for them. Rows may come in any order.
 
     Raises:
         LayoutError: an index out of range, or shapes that do not fit.
     """
+    if isinstance(experts, LowRankBatch) and alphas is None and x.device.type == "cpu" and \
+            backends.select(x.device, backend) != "triton":
+        return _lowrank_batch_(out, x, index, experts)
     stack = experts if hasattr(experts, "experts") else None
     members = list(stack.experts if stack is not None else experts)
     first = next((e for e in members if e is not None), None)
@@ -146,7 +150,7 @@ def mixed_matmul_(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, exper
         from deltahub.kernels import matmul_triton
         from deltahub.kernels.stack import ExpertStack
 
-        stack = stack if stack is not None else ExpertStack(members)
+        stack = stack if isinstance(stack, ExpertStack) else ExpertStack(members)
         target = out2.contiguous()
         matmul_triton.mixed_matmul_(target, x2, idx, stack, alist)
     else:
@@ -157,9 +161,32 @@ def mixed_matmul_(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, exper
     return out
 
 
+def _lowrank_batch_(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, batch: LowRankBatch) -> torch.Tensor:
+    """mixed_matmul_ for a prepared LoRA batch: the checks that matter, then two GEMMs (no per-layout work)."""
+    rows, cols = batch.right.shape[1], batch.left.shape[0]
+    if x.shape[-1] != cols or out.shape[-1] != rows or out.shape[:-1] != x.shape[:-1]:
+        raise LayoutError(f"x {list(x.shape)} and out {list(out.shape)} do not fit a {rows} x {cols} delta.")
+    idx = _row_experts(index, tuple(x.shape[:-1]))
+    if idx.numel() and (int(idx.max()) >= len(batch.experts) or int(idx.min()) < -1):
+        raise LayoutError(f"index holds experts outside [-1, {len(batch.experts) - 1}].")
+    m = math.prod(x.shape[:-1])
+    target = out.reshape(m, rows)
+    batch.run_(target, x.reshape(m, cols), idx)
+    if target.data_ptr() != out.data_ptr():
+        out.copy_(target.reshape(out.shape))
+    return out
+
+
 def _cpu_mixed(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, members: list, alphas: list[float],
                which: str) -> None:
-    """Rows gathered once in expert order; each expert present works on its contiguous slice; one scatter."""
+    """Rows gathered once in expert order; each expert present works on its contiguous slice; one scatter.
+
+    LoRA experts only: two GEMMs over every row instead (:class:`LowRankBatch`).
+    """
+    batch = LowRankBatch.build(members, alphas, x.dtype)
+    if batch is not None:
+        batch.run_(out, x, idx)
+        return
     order = torch.argsort(idx, stable=True)
     order = order[int((idx < 0).sum()):]  # the base rows sort first and stay as they are
     if order.numel() == 0:
@@ -172,6 +199,59 @@ def _cpu_mixed(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, members: l
             delta_matmul(xs[start:start + n], members[e], alpha=alphas[e], out=ys[start:start + n], backend=which)
         start += n
     out.index_copy_(0, order, ys)
+
+
+class LowRankBatch:
+    """LoRA experts of one weight prepared once for :func:`mixed_matmul_` on CPU: Punica's SGMV as two GEMMs.
+
+    H = x·[L₁ … L_E] (m × Σr); each row keeps its own expert's columns, scaled by s_e·α_e; out += H·[R₁; …; R_E].
+    With 8 experts of r = 16 on MiniLM's 384-wide layers a loop over experts runs 16 small GEMMs, a gather
+    and a scatter per layer; this runs two GEMMs of inner size Σr = 128 (the factors concatenated here, once
+    per batch of requests, not per call). Worth it while Σr ≤ min(rows, cols): the extra FLOPs stay below the
+    base GEMM's. Build with :meth:`build`, which says None when the experts do not qualify.
+    """
+
+    def __init__(self, experts: list, left: torch.Tensor, right: torch.Tensor, own: torch.Tensor,
+                 gain: torch.Tensor):
+        self.experts, self.left, self.right = experts, left, right
+        # row e + 1: expert e's gains on its own columns, 0 elsewhere; row 0 (the base, index −1): all 0
+        self.gains = torch.zeros(len(experts) + 1, left.shape[1], dtype=left.dtype, device=left.device)
+        self.gains[own + 1, torch.arange(own.numel(), device=own.device)] = gain
+
+    @classmethod
+    def build(cls, experts: Sequence[Resident | None], alphas: Sequence[float] | None = None,
+              x_dtype: torch.dtype = torch.float32) -> LowRankBatch | None:
+        members = list(experts)
+        present = [(e, m) for e, m in enumerate(members) if m is not None]
+        if not present or not all(isinstance(m, LowRank) for _, m in present):
+            return None
+        rows, cols = present[0][1].matrix
+        if len({m.compute_dtype for _, m in present}) != 1 or sum(m.rank for _, m in present) > min(rows, cols):
+            return None
+        cl = present[0][1].compute_dtype
+        c = compute_dtype(x_dtype, cl)
+        lefts, rights, owner, gain = [], [], [], []
+        for e, m in present:
+            a, b = m.A.to(cl).to(c), m.B.to(cl).to(c)
+            left, right = (b, a) if m.transposed else (a.T, b.T)  # term = (x @ left) @ right, as _term
+            lefts.append(left)
+            rights.append(right)
+            owner += [e] * m.rank
+            gain += [float(torch.tensor(m.scale, dtype=cl).to(c)) * (1.0 if alphas is None else float(alphas[e]))] \
+                * m.rank
+        dev = present[0][1].device
+        return cls(members, torch.cat(lefts, 1), torch.cat(rights, 0), torch.tensor(owner, device=dev),
+                   torch.tensor(gain, dtype=c, device=dev))
+
+    def run_(self, out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> None:
+        """out (m, rows) += each row's term; rows with idx −1 (or an absent expert) get exactly nothing."""
+        c = self.left.dtype
+        h = x.to(c) @ self.left
+        h.mul_(self.gains.index_select(0, idx + 1))
+        if out.dtype == c and out.is_contiguous():
+            out.addmm_(h, self.right)  # one pass; base rows add exact zeros
+        else:
+            out.copy_((out.to(c) + h @ self.right).to(out.dtype))
 
 
 def mixed_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, experts: Sequence[Resident | None], *,

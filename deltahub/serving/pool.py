@@ -172,7 +172,7 @@ class ExpertPool:
             self._switch(None, 1.0)
             self._hooks.remove()
             for v in self._versions:
-                v.drop()
+                self._drop(v)
             self._versions, self._names, self._clean = [], {}, {}
 
     # ---------------------------------------------------------------------------------- merged mode
@@ -296,7 +296,7 @@ class ExpertPool:
     def _admit(self, version: Version) -> None:
         self._versions.append(version)
         if not self._room(0, {version}):
-            version.drop()  # registered, loaded again on first use
+            self._drop(version)  # registered, loaded again on first use
 
     def _room(self, need: int, keep: set[Version]) -> bool:
         """Evict idle experts (least recently used first), then spare clean copies, until ``need`` fits."""
@@ -306,7 +306,7 @@ class ExpertPool:
         while self.used_bytes + need > self.budget_bytes:
             idle = [v for v in self._versions if v.loaded and v.leases == 0 and v not in keep and v is not active]
             if idle:
-                min(idle, key=lambda v: v.last_used).drop()
+                self._drop(min(idle, key=lambda v: v.last_used))
                 continue
             spare = [s for s in self._clean if s not in self._modified]
             if not spare:
@@ -326,7 +326,8 @@ class ExpertPool:
                                       "its residents, over the budget; raise budget_bytes.")
                 target.load()
                 for n, s in new.items():
-                    self._clean.setdefault(n, s.tensor.clone())  # s is unmodified here, or already copied
+                    if n not in self._clean:  # s is unmodified here (slots without a copy are never written)
+                        self._clean[n] = s.tensor.clone()
             finally:
                 target.leases -= 1
         with torch.no_grad():
@@ -358,6 +359,10 @@ class ExpertPool:
             raise ExpertExistsError(f"The pool already holds an expert named {name!r}; use pool.replace({name!r}, "
                                     "source) for a new version, or another name.")
 
+    def _drop(self, version: Version) -> None:
+        version.drop()
+        self._hooks.batches.clear()  # prepared LoRA batches hold residents: let them go too
+
     def _release(self, version: Version) -> None:
         version.leases -= 1
         version.last_used = time.monotonic()
@@ -365,7 +370,7 @@ class ExpertPool:
 
     def _reap(self, version: Version) -> None:
         if version.retired and version.leases == 0 and version in self._versions:
-            version.drop()
+            self._drop(version)
             self._versions.remove(version)
 
 
