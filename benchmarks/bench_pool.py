@@ -218,8 +218,8 @@ def main() -> None:
         loras = make_loras(work, n, r=16)
         full = [make_full(work, "compeft", k, density=0.1) for k in range(n // 2)] + \
                [make_full(work, "bitdelta", k) for k in range(n // 2)]
-        print(header("ExpertPool on all-MiniLM-L6-v2", [f"mode: {'quick' if args.quick else 'full'}; "
-                                                         f"{repeats} interleaved rounds; medians"]))
+        mode = f"mode: {'quick' if args.quick else 'full'}; {repeats} interleaved rounds; medians"
+        print(header("ExpertPool on all-MiniLM-L6-v2", [mode]))
         print("\n### P1. Hot swap of a LoRA r=16 expert (query/key/value/dense of 6 layers)\n")
         print(table(["path", "ms", "vs pool.activate", "pool faster (copy_: pool ≤ 2x)"],
                     hot_swap(work, loras, repeats)))

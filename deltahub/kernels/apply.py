@@ -21,6 +21,7 @@ from deltahub.kernels.layouts import LAYOUTS, Codes, Dense, LowRank, Resident, S
 from deltahub.kernels.reference import compute_dtype
 
 CHUNK = 1 << 19  # elements per block: 2 MB of fp32, well inside L2
+LOWRANK_WHOLE = 1 << 22  # LoRA deltas up to 16 MB of fp32 are one block: per-block GEMM calls cost more
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LUTS: dict[torch.device, torch.Tensor] = {}
 
@@ -236,6 +237,8 @@ def _torch_apply(w: torch.Tensor, layout: Resident, alpha: float) -> None:
         w.add_(layout.values)  # one rounding, no temporaries
         return
     step = block_rows(layout)
+    if isinstance(layout, LowRank) and rows * cols <= LOWRANK_WHOLE:
+        step = rows  # one GEMM per weight: 300 small blocks per MiniLM swap cost 5x the swap's memory traffic
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if isinstance(layout, SparseRows):
