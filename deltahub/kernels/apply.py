@@ -97,6 +97,9 @@ def apply_(weight: torch.Tensor, layout: Resident, *, alpha: float = 1.0, source
 
         apply_triton.apply_(weight, layout, float(alpha))
         return weight
+    if isinstance(layout, LowRank) and weight.numel() <= LOWRANK_WHOLE:
+        _torch_apply(weight, layout, float(alpha))  # one GEMM, not a block loop: all threads help
+        return weight
     with _one_thread():
         _torch_apply(weight, layout, float(alpha))
     return weight
@@ -210,7 +213,8 @@ def block_term(layout: Resident, r0: int, r1: int, c: torch.dtype, alpha: float)
     cl = layout.compute_dtype
     A, B = layout.A.to(cl), layout.B.to(cl)
     d = A[:, r0:r1].T @ B.T if layout.transposed else B[r0:r1] @ A
-    return (_scalar(layout.scale, cl, dev) * d).to(c) * a
+    d = (_scalar(layout.scale, cl, dev) * d).to(c)
+    return d if alpha == 1.0 else d * a  # x·1.0 is x exactly: one pass fewer over the block
 
 
 def _csr_block(layout: SparseRows, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
