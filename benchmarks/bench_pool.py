@@ -219,7 +219,7 @@ def main() -> None:
         full = [make_full(work, "compeft", k, density=0.1) for k in range(n // 2)] + \
                [make_full(work, "bitdelta", k) for k in range(n // 2)]
         mode = f"mode: {'quick' if args.quick else 'full'}; {repeats} interleaved rounds; medians"
-        print(header("ExpertPool on all-MiniLM-L6-v2", [mode]))
+        print(header("Machine", ["benchmark: ExpertPool on all-MiniLM-L6-v2", mode]))
         print("\n### P1. Hot swap of a LoRA r=16 expert (query/key/value/dense of 6 layers)\n")
         print(table(["path", "ms", "vs pool.activate", "pool faster (copy_: pool ≤ 2x)"],
                     hot_swap(work, loras, repeats)))
