@@ -32,6 +32,7 @@ _LAZY = {
     "get_adapter": "deltahub.adapter",
     "register_adapter": "deltahub.adapter",
     "ExpertPool": "deltahub.serving.pool",
+    "merge": "deltahub.merging",
 }
 
 __all__ = ["__version__", "load", *_LAZY, *[n for n in vars(_errors) if n.endswith("Error")]]
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from deltahub.codecs import Codec, CodecConfig, Encoded, available_codecs, get_codec, register_codec
     from deltahub.compressing import compress
     from deltahub.exporting import export
+    from deltahub.merging import merge
     from deltahub.registry import Registry
     from deltahub.serving.pool import ExpertPool
 

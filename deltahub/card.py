@@ -231,9 +231,27 @@ deltahub.apply(art, "{base_dir}", out="merged/")  # refuses a base with another 
 
 The base is checked by its fingerprint before anything is applied: a different base is refused.
 Every payload's size and sha256 are listed in `deltahub.json` and checked before it is parsed.
-"""
+{_recipe_section(manifest)}"""
     # Not ModelCard.from_template: that renders the body with jinja2, and names must never be template code.
     return str(ModelCard("---\n" + ModelCardData(**data).to_yaml() + "\n---\n" + body))
+
+
+def _md_safe(text: str) -> str:
+    """Text for a table cell or inline code: no pipes, backticks or line breaks from a hostile name."""
+    return text.replace("|", "/").replace("`", "'").replace("\n", " ").replace("\r", " ")[:200]
+
+
+def _recipe_section(manifest: Manifest) -> str:
+    """How a merged artifact was made (``deltahub merge``), from the recipe its manifest records."""
+    r = manifest.provenance.get("merge")
+    if not isinstance(r, dict):
+        return ""
+    rows = "".join(f"| `{_md_safe(str(n))}` | `{str(i)[:16]}` | {w} |\n"
+                   for n, i, w in zip(r.get("input_names", []), r.get("inputs", []), r.get("weights", [])))
+    opts = ", ".join(f"{k}={r[k]}" for k in ("density", "majority_sign_method", "seed") if k in r) or "none"
+    return (f"\n## Recipe\n\nMerged by `deltahub merge` with method `{_md_safe(str(r.get('method')))}` "
+            f"(options: {_md_safe(opts)}) from:\n\n| expert | artifact id | weight |\n|---|---|---|\n{rows}\n"
+            "`deltahub merge --recipe deltahub.json -o OUT` makes it again, byte for byte, from those experts.\n")
 
 
 def _adapter_parts(manifest: Manifest, target: str) -> tuple[str, str, str]:

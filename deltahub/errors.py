@@ -138,5 +138,9 @@ class ModeError(DeltaHubError, RuntimeError):
     """Merged mode (``activate``) and on-the-fly mode (``route``) were mixed; the pool runs one at a time."""
 
 
+class MergeError(DeltaHubError, ValueError):
+    """A merge that cannot be made as asked (method, options, weights, or its inputs)."""
+
+
 class UnservableExpertError(DeltaHubError, ValueError):
     """An expert changes the model's structure (a new or reshaped tensor), which a pool cannot serve in place."""

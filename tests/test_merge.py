@@ -1,0 +1,115 @@
+"""deltahub.merge: parity with peft.utils.merge_utils, recipes recorded and reproducible, typed errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltahub
+from deltahub.errors import BaseMismatchError, MergeError
+from deltahub.merging import combine
+from deltahub.plugins.dare import keep_mask
+
+merge_utils = pytest.importorskip("peft.utils.merge_utils")
+PEFT_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+def _peft(method: str, deltas: list[torch.Tensor], weights: list[float], density: float, sign: str,
+          masks: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """PEFT's own function; its DARE masks (torch.bernoulli) are the ones deltahub drew, in call order."""
+    given = iter(masks)
+    monkeypatch.setattr(torch, "bernoulli", lambda probs: next(given).to(probs.dtype))
+    try:
+        w = torch.tensor(weights)
+        fn = getattr(merge_utils, method)
+        if method == "task_arithmetic":
+            return fn(deltas, w)
+        if method in ("ties", "dare_ties"):
+            return fn(deltas, w, density, majority_sign_method=sign)
+        return fn(deltas, w, density)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_combine_equals_peft_merge_utils(method: str, sign: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(17, 23, generator=g) * (i + 1) for i in range(3)]
+    deltas[1][0, :5] = 0.0  # zeros vote + in TIES, as in PEFT
+    weights, density, seed = [0.5, 1.0, -0.3], 0.4, 7
+    recipe = {"method": method, "weights": weights, "density": density, "majority_sign_method": sign, "seed": seed}
+    masks = [keep_mask(seed + i, "w", d.numel(), 1 - density).reshape(d.shape).float() for i, d in enumerate(deltas)]
+    want = _peft(method, [d.clone() for d in deltas], weights, density, sign, masks, monkeypatch)
+    got = combine([d.clone() for d in deltas], recipe, "w")
+    assert torch.equal(got, want)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 12)
+        self.fc = torch.nn.Linear(12, 12)
+        self.norm = torch.nn.LayerNorm(12)
+
+
+def _experts(tmp_path: Path, codec: str = "dense", n: int = 3, **params) -> tuple[dict, list]:
+    torch.manual_seed(0)
+    base = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    arts = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(10 + i)
+        ft = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        arts.append(deltahub.compress(ft, base=base, codec=codec, out=tmp_path / f"e{i}", name=f"e{i}", **params))
+    return base, arts
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_merged_artifact_applies_to_the_peft_merge(tmp_path: Path, method: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    base, arts = _experts(tmp_path, "compeft", density=0.5)
+    params = {} if method == "task_arithmetic" else {"density": 0.6}
+    params |= {"seed": 3} if method.startswith("dare") else {}
+    out = deltahub.merge(arts, method=method, weights=[1.0, 0.5, 0.25], out=tmp_path / "m", **params)
+    merged = deltahub.apply(out, base)
+    for name, w0 in base.items():
+        deltas = [a.decode()[name].float() for a in arts]
+        masks = [keep_mask(3 + i, name, w0.numel(), 0.4).reshape(w0.shape).float() for i in range(3)]
+        want = _peft(method, deltas, [1.0, 0.5, 0.25], params.get("density", 1.0), "total", masks, monkeypatch)
+        torch.testing.assert_close(merged[name], w0 + want, rtol=0, atol=1e-6)
+    recipe = out.manifest.provenance["merge"]
+    assert recipe["method"] == method and recipe["inputs"] == [a.id for a in arts]
+    assert "## Recipe" in (out.folder / "README.md").read_text()
+
+
+def test_merge_is_reproducible_byte_for_byte(tmp_path: Path) -> None:
+    _, arts = _experts(tmp_path)
+    a = deltahub.merge(arts, method="dare_ties", density=0.5, seed=1, out=tmp_path / "a", name="m")
+    b = deltahub.merge(arts, method="dare_ties", density=0.5, seed=1, out=tmp_path / "b", name="m")
+    c = deltahub.merge(arts, method="dare_ties", density=0.5, seed=2, out=tmp_path / "c", name="m")
+    assert a.id == b.id and a.id != c.id
+    for f in a.manifest.files:
+        assert (a.folder / f.path).read_bytes() == (b.folder / f.path).read_bytes()
+
+
+def test_merge_errors_are_typed_and_pinned(tmp_path: Path) -> None:
+    _, arts = _experts(tmp_path, n=2)
+    with pytest.raises(MergeError, match=r"^Unknown merge method 'avg'; use one of task_arithmetic, ties, "):
+        deltahub.merge(arts, method="avg")
+    with pytest.raises(MergeError, match=r"^3 weights for 2 experts; give one weight per expert.$"):
+        deltahub.merge(arts, method="task_arithmetic", weights=[1, 2, 3])
+    with pytest.raises(MergeError, match=r"^Method 'task_arithmetic' has no option 'density'; its options: none.$"):
+        deltahub.merge(arts, method="task_arithmetic", density=0.5)
+    with pytest.raises(MergeError, match=r"^density is the fraction of entries kept, in \(0, 1\]; got 0.0.$"):
+        deltahub.merge(arts, method="ties", density=0.0)
+    with pytest.raises(MergeError, match=r"^A merge needs two or more experts, got 1.$"):
+        deltahub.merge(arts[:1], method="ties")
+    torch.manual_seed(5)
+    other = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    stranger = deltahub.compress({k: v + 0.1 for k, v in other.items()}, base=other, codec="dense",
+                                 out=tmp_path / "x", name="stranger")
+    with pytest.raises(BaseMismatchError, match=r"^Expert 'stranger' was made from another base than 'e0'"):
+        deltahub.merge([*arts, stranger], method="ties", out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
