@@ -80,7 +80,7 @@ def _recipe(arts: list[Artifact], method: str, weights: Sequence[float] | None, 
     extra = set(own) - _PARAMS[method]
     if extra:
         allowed = ", ".join(sorted(_PARAMS[method])) or "none"
-        raise MergeError(f"Method {method!r} has no option {sorted(extra)[0]!r}; its options: {allowed}.")
+        raise MergeError(f"Method {method!r} has no option {min(extra)!r}; its options: {allowed}.")
     w = [1.0] * len(arts) if weights is None else [float(x) for x in weights]
     if len(w) != len(arts):
         raise MergeError(f"{len(w)} weights for {len(arts)} experts; give one weight per expert.")
@@ -131,7 +131,7 @@ def _plan(arts: list[Artifact]) -> tuple[BaseInfo, list, dict[str, list]]:
 
 
 def _merge_tensor(name: str, terms: list, recipe: dict[str, Any]) -> torch.Tensor:
-    i0, a0, t0 = terms[0]
+    _, a0, t0 = terms[0]
     if t0.base_name is None:
         return a0.decode_tensor(t0.entry)
     n = len(recipe["inputs"])

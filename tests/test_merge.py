@@ -113,3 +113,56 @@ def test_merge_errors_are_typed_and_pinned(tmp_path: Path) -> None:
     with pytest.raises(BaseMismatchError, match=r"^Expert 'stranger' was made from another base than 'e0'"):
         deltahub.merge([*arts, stranger], method="ties", out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_merge_and_recipe_reproduce_the_artifact(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    _, arts = _experts(tmp_path, codec="compeft", density=0.3)
+    run = CliRunner().invoke
+    args = [str(a.folder) for a in arts]
+    res = run(cli, ["merge", *args, "-o", str(tmp_path / "m"), "--method", "ties", "--weights", "1,0.5,0.5",
+                    "-p", "density=0.4", "--codec", "compeft", "-c", "density=0.2"])
+    assert res.exit_code == 0, res.output
+    first = deltahub.load(tmp_path / "m")
+    assert first.manifest.provenance["merge"]["weights"] == [1.0, 0.5, 0.5]
+    reg = deltahub.Registry()
+    for a in arts:
+        reg.push(a)
+    again = run(cli, ["merge", "--recipe", str(tmp_path / "m" / "deltahub.json"), "-o", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert deltahub.load(tmp_path / "again").id == first.id  # inputs found in the registry by id
+    for f in first.manifest.files:
+        assert (tmp_path / "m" / f.path).read_bytes() == (tmp_path / "again" / f.path).read_bytes()
+    bad = run(cli, ["merge", *args[:2], "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and bad.output.strip().splitlines() == [
+        "Error: Pass --method (one of task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune) or "
+        "--recipe FILE."]
+    wrong = run(cli, ["merge", *args[:2], "--recipe", str(tmp_path / "m" / "deltahub.json"), "-o", str(tmp_path / "y")])
+    assert wrong.exit_code == 1 and "not the recipe's inputs" in wrong.output and not (tmp_path / "y").exists()
+
+
+def test_lora_experts_merge_as_their_deltas(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Tiny()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    arts = []
+    for i in range(2):
+        pm = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"]))
+        pm.base_model.model.load_state_dict(base_sd, strict=False)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(tmp_path / f"peft{i}"))
+        arts.append(deltahub.compress(tmp_path / f"peft{i}", base=base_sd, out=tmp_path / f"l{i}", name=f"l{i}"))
+    out = deltahub.merge(arts, method="task_arithmetic", weights=[1.0, -0.5], out=tmp_path / "m")
+    merged = deltahub.apply(out, base_sd)
+    want = base_sd["fc.weight"] + sum(w * deltahub.apply(a, base_sd)["fc.weight"] - w * base_sd["fc.weight"]
+                                      for w, a in zip([1.0, -0.5], arts))
+    torch.testing.assert_close(merged["fc.weight"], want, rtol=0, atol=1e-5)
+    assert torch.equal(merged["emb.weight"], base_sd["emb.weight"])
