@@ -138,8 +138,8 @@ def test_cli_merge_and_recipe_reproduce_the_artifact(tmp_path: Path) -> None:
         assert (tmp_path / "m" / f.path).read_bytes() == (tmp_path / "again" / f.path).read_bytes()
     bad = run(cli, ["merge", *args[:2], "-o", str(tmp_path / "x")])
     assert bad.exit_code == 1 and bad.output.strip().splitlines() == [
-        "Error: Pass --method (one of task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune) or "
-        "--recipe FILE."]
+        ("Error: Pass --method (one of task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune) or "
+         "--recipe FILE.")]
     wrong = run(cli, ["merge", *args[:2], "--recipe", str(tmp_path / "m" / "deltahub.json"), "-o", str(tmp_path / "y")])
     assert wrong.exit_code == 1 and "not the recipe's inputs" in wrong.output and not (tmp_path / "y").exists()
 
