@@ -9,6 +9,8 @@ ENV_HOME = "DELTAHUB_HOME"  # the local registry and caches; default ~/.cache/de
 ENV_LOAD_PLUGINS = "DELTAHUB_LOAD_PLUGINS"  # "" = built-in plugins only (the test suite sets it)
 ENV_NO_PROGRESS = "DELTAHUB_NO_PROGRESS"  # "1" hides progress bars even on a terminal
 ENV_KERNEL_BACKEND = "DELTAHUB_KERNEL_BACKEND"  # auto (default) | torch | compiled | triton
+ENV_NO_LOCKS = "DELTAHUB_NO_LOCKS"  # "1": skip file locks (they save duplicate work; correctness never needs them)
+LOCK_TIMEOUT_S = 600.0  # how long a registry operation waits for another process's file lock
 
 PAYLOAD_NAME = "payload.safetensors"
 CARD_NAME = "README.md"
@@ -23,3 +25,8 @@ def home() -> Path:
 def progress_disabled() -> bool | None:
     """tqdm's ``disable``: None lets tqdm hide bars when stderr is not a terminal."""
     return True if os.environ.get(ENV_NO_PROGRESS) == "1" else None
+
+
+def locks_enabled() -> bool:
+    """False when DELTAHUB_NO_LOCKS is 1/true/yes."""
+    return os.environ.get(ENV_NO_LOCKS, "") not in ("1", "true", "yes")

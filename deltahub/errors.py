@@ -122,6 +122,10 @@ class AuthError(RemoteError, PermissionError):
     """The remote refused our credentials."""
 
 
+class LockTimeoutError(RegistryError, TimeoutError):
+    """Another process held a registry file lock past the wait limit."""
+
+
 class ExpertNotFoundError(DeltaHubError, LookupError):
     """An ExpertPool was asked for an expert name it does not hold."""
 

@@ -22,10 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeVar
 
-from deltahub.errors import AuthError, DeltaHubError, IntegrityError, RegistryError, RemoteError
+from deltahub import constants
+from deltahub.constants import locks_enabled
+from deltahub.errors import AuthError, DeltaHubError, IntegrityError, LockTimeoutError, RegistryError, RemoteError
 
-# "1": skip file locks (they only save duplicate work; correctness never depends on them)
-ENV_NO_LOCKS = "DELTAHUB_NO_LOCKS"
 ATTEMPTS = 4
 BACKOFF = 0.2  # seconds before the 2nd try; doubles each time (tests lower it)
 CHUNK = 8 << 20
@@ -78,10 +78,6 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def locks_enabled() -> bool:
-    return os.environ.get(ENV_NO_LOCKS, "") not in ("1", "true", "yes")
 
 
 class Backend:
@@ -235,11 +231,27 @@ class LocalBackend(Backend):
     def lock(self, name: str) -> contextlib.AbstractContextManager[Any]:
         if not locks_enabled():
             return contextlib.nullcontext()
-        from filelock import FileLock
-
         path = self.root / "locks" / f"{name}.lock"  # lock files are never deleted (HF #1659)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(path), timeout=600)
+        return _typed_lock(path)
+
+
+@contextlib.contextmanager
+def _typed_lock(path: Path) -> Iterator[None]:
+    """A FileLock whose wait past LOCK_TIMEOUT_S is a LockTimeoutError, not filelock's untyped Timeout."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), timeout=constants.LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockTimeoutError(
+            f"Waited {constants.LOCK_TIMEOUT_S:g} s for the lock {path} that another process holds; if no deltahub "
+            "process is running, delete that file and retry (or set DELTAHUB_NO_LOCKS=1).") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ------------------------------------------------------------------------------------------- fsspec

@@ -1,0 +1,49 @@
+"""Known reliability faults (issue 14 item 2), each fixed with a pinned test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deltahub import constants
+from deltahub.errors import LockTimeoutError
+from deltahub.registry.backends import LocalBackend
+
+
+def test_a_lock_held_past_the_limit_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path)
+    lock = tmp_path / "locks" / "gc.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"with FileLock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(constants, "LOCK_TIMEOUT_S", 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeoutError) as e, backend.lock("gc"):
+            pass
+        assert time.monotonic() - t0 < 10
+        assert str(e.value) == (f"Waited 0.2 s for the lock {lock} that another process holds; if no deltahub "
+                                "process is running, delete that file and retry (or set DELTAHUB_NO_LOCKS=1).")
+        assert isinstance(e.value, TimeoutError)
+        monkeypatch.setenv("DELTAHUB_NO_LOCKS", "1")
+        with backend.lock("gc"):  # locks off: no wait at all
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.delenv("DELTAHUB_NO_LOCKS")
+    with backend.lock("gc"):  # released by the holder's death: taken at once
+        pass
+
+
+def test_no_locks_is_read_in_constants_only() -> None:
+    root = Path(__file__).resolve().parents[1] / "deltahub"
+    readers = [p.relative_to(root).as_posix() for p in root.rglob("*.py") if '"DELTAHUB_NO_LOCKS"' in p.read_text()]
+    assert readers == ["constants.py"]
