@@ -47,3 +47,17 @@ def test_no_locks_is_read_in_constants_only() -> None:
     root = Path(__file__).resolve().parents[1] / "deltahub"
     readers = [p.relative_to(root).as_posix() for p in root.rglob("*.py") if '"DELTAHUB_NO_LOCKS"' in p.read_text()]
     assert readers == ["constants.py"]
+
+
+@pytest.mark.parametrize("drop", ["q", "r", "signs", "scale"])
+def test_a_compeft_payload_missing_a_tensor_is_the_contracts_error(drop: str) -> None:
+    import torch
+
+    from deltahub.codecs import Encoded, get_codec
+
+    codec = get_codec("compeft")
+    enc = codec.encode(torch.randn(32, 16), codec.Config(density=0.2), None, name="w")
+    hurt = Encoded(tensors={k: v for k, v in enc.tensors.items() if k != drop}, meta=enc.meta)
+    for op in (codec.decode, codec.to_resident):
+        with pytest.raises(ValueError, match=rf"^compeft payload lacks tensors \['{drop}'\]$"):
+            op(hurt, (32, 16))

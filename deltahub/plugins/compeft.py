@@ -131,6 +131,9 @@ class CompeftCodec(Codec):
 
     def _parts(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
         numel = math.prod(shape)
+        missing = {"q", "r", "signs", "scale"} - set(enc.tensors)
+        if missing:  # the contract's error, as dare's (was a bare KeyError)
+            raise ValueError(f"{self.name} payload lacks tensors {sorted(missing)}")
         try:
             count = int(enc.meta["count"])
         except (KeyError, ValueError):
