@@ -188,6 +188,9 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         data = json.loads(raw)
     except ValueError:
         raise ManifestError(f"{MANIFEST_NAME} is not valid JSON; the artifact is truncated or corrupt. Pull it again.") from None
+    except RecursionError:  # ~1,000 nested arrays exhaust the parser's stack; never a real manifest
+        raise ManifestError(f"{MANIFEST_NAME} nests JSON too deeply to be a deltahub manifest; the file is hostile or "
+                            "corrupt. Pull it again from a trusted source.") from None
     if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
         raise ManifestError(f"{MANIFEST_NAME} has no integer format_version; it is not a deltahub artifact.")
     if data["format_version"] > FORMAT_VERSION:

@@ -61,3 +61,14 @@ def test_a_compeft_payload_missing_a_tensor_is_the_contracts_error(drop: str) ->
     for op in (codec.decode, codec.to_resident):
         with pytest.raises(ValueError, match=rf"^compeft payload lacks tensors \['{drop}'\]$"):
             op(hurt, (32, 16))
+
+
+@pytest.mark.parametrize("doc", ["[" * 100_000 + "]" * 100_000,
+                                 '{"format_version": 1, "x": ' + "[" * 50_000 + "]" * 50_000 + "}"])
+def test_a_deeply_nested_manifest_is_a_typed_error(tmp_path: Path, doc: str) -> None:
+    import deltahub
+    from deltahub.errors import ManifestError
+
+    (tmp_path / "deltahub.json").write_text(doc)
+    with pytest.raises(ManifestError, match=r"^deltahub.json nests JSON too deeply to be a deltahub manifest; "):
+        deltahub.load(tmp_path)
