@@ -191,6 +191,8 @@ class Artifact:
             if tuple(res.shape) != tuple(entry.shape):
                 raise ValueError(f"to_resident gave shape {list(res.shape)}, expected {entry.shape}")
             res.validate()
+        except CodecVersionError:
+            raise  # an inner codec too old (auto): upgrade, not corruption
         except (ValueError, RuntimeError, KeyError) as exc:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
         return res.to(device)
@@ -262,6 +264,8 @@ class Artifact:
         codec = self.codec(entry)
         try:
             out = codec.decode(self.encoded(entry), tuple(entry.shape))
+        except CodecVersionError:
+            raise  # an inner codec too old (auto): upgrade, not corruption
         except (ValueError, RuntimeError, KeyError) as exc:
             raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
         if tuple(out.shape) != tuple(entry.shape):

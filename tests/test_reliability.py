@@ -72,3 +72,29 @@ def test_a_deeply_nested_manifest_is_a_typed_error(tmp_path: Path, doc: str) -> 
     (tmp_path / "deltahub.json").write_text(doc)
     with pytest.raises(ManifestError, match=r"^deltahub.json nests JSON too deeply to be a deltahub manifest; "):
         deltahub.load(tmp_path)
+
+
+def test_an_auto_payload_from_a_newer_inner_codec_says_upgrade(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    import deltahub
+    from deltahub.errors import CodecVersionError
+
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    ft = {k: v + 0.01 * torch.randn(v.shape) for k, v in base.items()}
+    art = deltahub.compress(ft, base=base, codec="auto", out=tmp_path / "a", name="a",
+                             max_bits_per_param=4)
+    manifest = json.loads((tmp_path / "a" / "deltahub.json").read_text())
+    entry = next(e for e in manifest["tensors"] if e["codec"] == "auto")
+    inner = entry["meta"]["auto.codec"]
+    entry["meta"]["auto.version"] = "99"
+    (tmp_path / "a" / "deltahub.json").write_text(json.dumps(manifest))
+    art = deltahub.load(tmp_path / "a")
+    e = next(x for x in art.manifest.tensors if x.codec == "auto")
+    for op in (art.decode_tensor, art.resident):
+        with pytest.raises(CodecVersionError, match=rf"^This auto payload was encoded with codec {inner} v99; the "
+                                                    r"installed one is v\d+. Upgrade the plugin that provides it"):
+            op(e)

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, model_validator
 
 from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded, available_codecs, get_codec
+from deltahub.errors import CodecVersionError
 
 # (codec, params, estimated bits/param used only to order the search); unavailable codecs are skipped
 CANDIDATES: list[tuple[str, dict[str, Any], float]] = [
@@ -145,7 +146,8 @@ class AutoCodec(Codec):
         except (KeyError, ValueError):
             raise ValueError("auto payload does not name its codec") from None
         if version > codec.version:
-            raise ValueError(f"auto payload needs codec {codec.name} v{version}; installed v{codec.version}")
+            raise CodecVersionError(f"This auto payload was encoded with codec {codec.name} v{version}; the installed one "
+                                    f"is v{codec.version}. Upgrade the plugin that provides it (`deltahub codecs`).")
         inner_meta = {k: v for k, v in enc.meta.items() if not k.startswith("auto.")}
         return codec, Encoded(enc.tensors, inner_meta)
 
