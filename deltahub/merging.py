@@ -40,7 +40,7 @@ _PARAMS = {"task_arithmetic": set(), "magnitude_prune": {"density"}, "ties": {"d
 
 def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str,
           weights: Sequence[float] | None = None, codec: str = "dense", out: str | os.PathLike[str] | None = None,
-          name: str | None = None, **params: Any) -> Artifact:
+          name: str | None = None, new: str = "error", **params: Any) -> Artifact:
     """Merge experts of one base into a new artifact whose manifest records the recipe.
 
     Args:
@@ -51,6 +51,8 @@ def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str
             prefixed ``codec_`` (``codec_density=0.1``).
         out: the folder to write (default a temporary folder).
         name: the artifact's name (default the folder's name).
+        new: tensors that inputs replace whole (task heads): ``error`` (default) when more than one input
+            has one, ``drop`` to leave them all out (merge the encoders; keep each task's head yourself).
         **params: the method's options: ``density`` (kept fraction, 0 < density ≤ 1), ``majority_sign_method``
             (``total`` or ``frequency``), ``seed`` (DARE masks).
 
@@ -60,8 +62,12 @@ def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str
         BaseMismatchError: the inputs were made from different bases (the message names the odd one).
     """
     arts = [a if isinstance(a, Artifact) else Artifact.load(a) for a in artifacts]
+    if new not in ("error", "drop"):
+        raise MergeError(f"new is 'error' or 'drop', got {new!r}.")
     recipe = _recipe(arts, method, weights, params)
-    base, entries, sources = _plan(arts)
+    if new == "drop":
+        recipe["new"] = "drop"
+    base, entries, sources = _plan(arts, drop_new=new == "drop")
     codec_params = {k[len("codec_"):]: v for k, v in params.items() if k.startswith("codec_")}
 
     def compute(tensor: str) -> torch.Tensor:
@@ -101,7 +107,7 @@ def _recipe(arts: list[Artifact], method: str, weights: Sequence[float] | None, 
     return recipe
 
 
-def _plan(arts: list[Artifact]) -> tuple[BaseInfo, list, dict[str, list]]:
+def _plan(arts: list[Artifact], *, drop_new: bool = False) -> tuple[BaseInfo, list, dict[str, list]]:
     """The base (touched tensors of every input), the output entries, and per entry each input's term."""
     first = arts[0].manifest.base
     for a in arts[1:]:
@@ -117,6 +123,8 @@ def _plan(arts: list[Artifact]) -> tuple[BaseInfo, list, dict[str, list]]:
     entries, sources = [], {}
     for i, a in enumerate(arts):
         for term in a.terms():
+            if drop_new and term.base_name is None:
+                continue
             key = term.base_name if term.base_name is not None else term.name
             if key not in sources:
                 dtype = term.entry.dtype if term.entry is not None else touched[term.base_name].dtype
@@ -126,7 +134,7 @@ def _plan(arts: list[Artifact]) -> tuple[BaseInfo, list, dict[str, list]]:
     for key, base_name, _shape, _dtype in entries:
         if base_name is None and len(sources[key]) > 1:
             raise MergeError(f"Tensor {key!r} is replaced whole by {len(sources[key])} experts (a task head); a "
-                             "merge combines deltas only. Merge experts stored without their heads.")
+                             "merge combines deltas only. Pass new='drop' (--drop-new) to leave heads out.")
     return base, entries, sources
 
 

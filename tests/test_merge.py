@@ -166,3 +166,19 @@ def test_lora_experts_merge_as_their_deltas(tmp_path: Path) -> None:
                                       for w, a in zip([1.0, -0.5], arts))
     torch.testing.assert_close(merged["fc.weight"], want, rtol=0, atol=1e-5)
     assert torch.equal(merged["emb.weight"], base_sd["emb.weight"])
+
+
+def test_heads_of_several_experts_are_refused_or_dropped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    arts = []
+    for i in range(2):
+        ft = {k: v + 0.1 for k, v in base.items()} | {"head.weight": torch.full((2, 12), float(i))}
+        arts.append(deltahub.compress(ft, base=base, codec="dense", out=tmp_path / f"h{i}", name=f"h{i}"))
+    with pytest.raises(MergeError, match=r"^Tensor 'head.weight' is replaced whole by 2 experts \(a task head\); "):
+        deltahub.merge(arts, method="task_arithmetic", out=tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    out = deltahub.merge(arts, method="task_arithmetic", new="drop", out=tmp_path / "yes")
+    assert "head.weight" not in {e.name for e in out.manifest.tensors}
+    assert out.manifest.provenance["merge"]["new"] == "drop"
+    torch.testing.assert_close(deltahub.apply(out, base)["fc.weight"], base["fc.weight"] + 0.2, rtol=0, atol=1e-6)

@@ -22,11 +22,12 @@ METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_pru
 @click.option("--codec", default="dense", show_default=True, help="Codec that stores the merged deltas.")
 @click.option("-c", "--codec-param", "codec_params", multiple=True, metavar="KEY=VALUE", help="Codec option.")
 @click.option("--name", help="Artifact name (default: the output folder's name).")
+@click.option("--drop-new", is_flag=True, help="Leave out tensors the experts replace whole (task heads).")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Make again the artifact this deltahub.json describes (inputs by id from the registry, "
                    "or the ARTIFACTS given).")
 def merge(artifacts: tuple[str, ...], out: Path, method: str | None, weights: str | None, params: tuple[str, ...],
-          codec: str, codec_params: tuple[str, ...], name: str | None, recipe: Path | None) -> None:
+          codec: str, codec_params: tuple[str, ...], name: str | None, drop_new: bool, recipe: Path | None) -> None:
     """Merge ARTIFACTS (folders or registry refs, all of one base) into the expert OUT.
 
     \b
@@ -49,6 +50,7 @@ def merge(artifacts: tuple[str, ...], out: Path, method: str | None, weights: st
         method, w, name = r["method"], r["weights"], name or manifest["name"]
         opts = {k: r[k] for k in ("density", "majority_sign_method", "seed") if k in r}
         codec, copts = manifest["stats"]["codec"], manifest["stats"].get("codec_params") or {}
+        drop_new = r.get("new") == "drop"
     else:
         if method is None:
             raise MergeError("Pass --method (one of " + ", ".join(METHODS) + ") or --recipe FILE.")
@@ -57,7 +59,8 @@ def merge(artifacts: tuple[str, ...], out: Path, method: str | None, weights: st
     if recipe is not None and [a.id for a in arts] != r["inputs"]:
         raise MergeError("These experts are not the recipe's inputs (their ids differ); give the experts it names, "
                          "in its order, or none to look them up in the registry by id.")
-    art = run(arts, method=method, weights=w, codec=codec, out=out, name=name, **opts,
+    art = run(arts, method=method, weights=w, codec=codec, out=out, name=name, new="drop" if drop_new else "error",
+              **opts,
               **{f"codec_{k}": v for k, v in copts.items()})
     s = art.manifest.stats
     click.echo(f"merged {len(arts)} experts ({method}) -> {art.folder}  id {art.id[:12]}  "
