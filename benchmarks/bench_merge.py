@@ -81,12 +81,12 @@ def main() -> None:
             arts[t] = deltahub.compress(work / f"ft-{t}", base=task.base_model_dir(), codec="compeft", density=0.1,
                                         out=work / t, name=t)
             own[t] = score(deltahub.apply(arts[t], task._init_classifier(0)).state_dict(), arts[t], tasks[t][1])
+        sizes = f"test words: {len(tasks['polarity'][1])} / {len(tasks['subjectivity'][1])}"
         print(header("Machine", ["benchmark: merging two MiniLM experts (polarity, subjectivity)",
-                                 f"fine-tunes: {args.steps} steps each, stored with compeft d=0.1; "
-                                 f"test words: {len(tasks['polarity'][1])} / {len(tasks['subjectivity'][1])}"]))
+                                 f"fine-tunes: {args.steps} steps each, stored with compeft d=0.1; {sizes}"]))
+        both = " + ".join(f"{sum(f.size for f in arts[t].manifest.files):,}" for t in tasks)
         rows = [["each expert alone", "—", f"{own['polarity']:.4f} (100%)", f"{own['subjectivity']:.4f} (100%)",
-                 f"{sum(f.size for f in arts['polarity'].manifest.files):,} + "
-                 f"{sum(f.size for f in arts['subjectivity'].manifest.files):,}", "—"]]
+                 both, "—"]]
         for method, params in METHODS:
             t0 = time.perf_counter()
             m = deltahub.merge([arts["polarity"], arts["subjectivity"]], method=method, codec="compeft",
