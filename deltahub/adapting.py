@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from deltahub.constants import CARD_NAME
 from deltahub.delta import Pair, align
 from deltahub.errors import BaseMismatchError
 from deltahub.kernels.layouts import LowRank
-from deltahub.manifest import MANIFEST_NAME, AdapterInfo
+from deltahub.manifest import MANIFEST_NAME, AdapterInfo, BaseInfo
 
 
 def compress_adapter(kind: AdapterKind | str, imported: Imported, *, base: Any, codec: str = "dense",
@@ -38,33 +39,52 @@ def compress_adapter(kind: AdapterKind | str, imported: Imported, *, base: Any, 
         NothingMatchedError: no target weight is in the base.
         BaseMismatchError: some target weight is missing from the base or has another shape.
     """
-    from deltahub.compressing import _base_info, _Job
+    from deltahub.compressing import _base_info
+
+    get_codec(codec).parse_config(params)  # a bad codec or option is reported before the base is read
+    base_ckpt = Checkpoint.open(base)
+    pairs, prefix = _align(base_ckpt, imported)
+    names = {k: p.base_name for k, p in pairs.items()}
+    touched = [names[t.weight] for t in imported.targets]
+    return write_adapter(kind, imported, base=lambda: _base_info(base_ckpt, touched, prefix), base_names=names,
+                         codec=codec, out=out, name=name, provenance=provenance, **params)
+
+
+def write_adapter(kind: AdapterKind | str, imported: Imported, *, base: BaseInfo | Callable[[], BaseInfo],
+                  base_names: Mapping[str, str | None], codec: str = "dense", out: str | os.PathLike[str] | None = None,
+                  name: str | None = None, provenance: dict[str, Any] | None = None, **params: Any) -> Artifact:
+    """Write an adapter artifact whose targets are already bound to a base (``deltahub.merge`` of LoRA experts).
+
+    ``base_names`` maps each target weight and whole tensor to its name in the base (None: a new tensor);
+    ``base`` is the base's fingerprint record, or a function that computes it (hashing the base's bytes).
+
+    Raises:
+        CodecNotFoundError, CodecConfigError: bad codec or options.
+    """
+    from deltahub.compressing import _Job
+    from deltahub.writer import PayloadWriter
 
     kind = get_adapter(kind) if isinstance(kind, str) else kind
     codec_obj = get_codec(codec)
     job = _Job(codec_obj, codec_obj.parse_config(params), None)
-    base_ckpt = Checkpoint.open(base)
     out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deltahub-")) / "adapter"
     with staging(out_path) as tmp:
-        pairs, prefix = _align(base_ckpt, imported)
         job._fit(ListSource(imported.tensors), {k: tuple(t.shape) for k, t in imported.tensors.items()})
-        from deltahub.writer import PayloadWriter
-
         writer = PayloadWriter(tmp)
         owner = {k: t.weight for t in imported.targets for k in t.tensors}
         decoded = {}
         for key in sorted(imported.tensors):
             t = imported.tensors[key]
-            p = Pair(key, pairs[owner[key]].base_name, "native")
+            p = Pair(key, base_names[owner[key]], "native")
             decoded[key] = job._encode_add(writer, p, t, tuple(t.shape), dtype_name(t.dtype), op="native").to(t.dtype)
         for key in sorted(imported.whole):
-            job._encode_replace(writer, Pair(key, pairs[key].base_name, "replace"), imported.whole[key])
+            job._encode_replace(writer, Pair(key, base_names[key], "replace"), imported.whole[key])
         writer.flush()
         job.files = writer.files
-        job.base_info = _base_info(base_ckpt, [pairs[t.weight].base_name for t in imported.targets], prefix)
+        job.base_info = base() if callable(base) else base
         job.adapter = AdapterInfo(kind=kind.name, version=kind.version, config=imported.config)
-        job.counts.update(matched=len(imported.targets), new=sum(pairs[k].base_name is None for k in imported.whole),
-                          replaced=sum(pairs[k].base_name is not None for k in imported.whole))
+        job.counts.update(matched=len(imported.targets), new=sum(base_names[k] is None for k in imported.whole),
+                          replaced=sum(base_names[k] is not None for k in imported.whole))
         job.extra_stats = _adapter_stats(kind, imported, decoded, job)
         manifest = job.finish(tmp, name or out_path.name, provenance or {"source": "adapter"})
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())

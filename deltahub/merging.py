@@ -14,13 +14,18 @@ The methods and their math, exactly as ``peft.utils.merge_utils`` computes them 
   (``deltahub.plugins.dare.keep_mask``), so a merge is reproducible from its recipe on any machine;
   PEFT draws them from torch's global RNG instead (the parity test gives both the same mask).
 
-LoRA experts merge as their full deltas ΔW = s·BA. Replaced tensors (a new head) are kept from the one
+LoRA experts merge as their full deltas ΔW = s·BA, except that ``task_arithmetic`` of LoRA experts stays
+LoRA (``form="auto"``): the factors are concatenated as PEFT's ``add_weighted_adapter(combination_type="cat")``
+does, A = [w_1 s_1 A_1; …; w_n s_n A_n], B = [B_1 … B_n], rank Σ r_i and scale 1, so B A = Σ w_i s_i B_i A_i
+exactly and the result stays exportable to PEFT and vLLM. Replaced tensors (a new head) are kept from the one
 expert that has them. Inputs are streamed: per tensor name, one delta per input in memory.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +45,7 @@ _PARAMS = {"task_arithmetic": set(), "magnitude_prune": {"density"}, "ties": {"d
 
 def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str,
           weights: Sequence[float] | None = None, codec: str = "dense", out: str | os.PathLike[str] | None = None,
-          name: str | None = None, new: str = "error", **params: Any) -> Artifact:
+          name: str | None = None, new: str = "error", form: str = "auto", **params: Any) -> Artifact:
     """Merge experts of one base into a new artifact whose manifest records the recipe.
 
     Args:
@@ -53,12 +58,14 @@ def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str
         name: the artifact's name (default the folder's name).
         new: tensors that inputs replace whole (task heads): ``error`` (default) when more than one input
             has one, ``drop`` to leave them all out (merge the encoders; keep each task's head yourself).
+        form: ``auto`` (default: LoRA experts merged by ``task_arithmetic`` stay LoRA, rank Σ r_i; anything
+            else is a delta), ``delta`` (always a delta) or ``lora`` (LoRA, or an error when it cannot be).
         **params: the method's options: ``density`` (kept fraction, 0 < density ≤ 1), ``majority_sign_method``
             (``total`` or ``frequency``), ``seed`` (DARE masks).
 
     Raises:
         MergeError: an unknown method or option, a bad weight count or density, one input, or a tensor that
-            several inputs replace whole.
+            several inputs replace whole, or ``form="lora"`` for inputs or a method that cannot stay LoRA.
         BaseMismatchError: the inputs were made from different bases (the message names the odd one).
     """
     arts = [a if isinstance(a, Artifact) else Artifact.load(a) for a in artifacts]
@@ -68,6 +75,10 @@ def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str
     if new == "drop":
         recipe["new"] = "drop"
     base, entries, sources = _plan(arts, drop_new=new == "drop")
+    if _stays_lora(arts, method, form):
+        recipe["form"] = "lora"
+        return _merge_lora(arts, recipe, base, sources, codec=codec, out=out, name=name, **{
+            k[len("codec_"):]: v for k, v in params.items() if k.startswith("codec_")})
     codec_params = {k[len("codec_"):]: v for k, v in params.items() if k.startswith("codec_")}
 
     def compute(tensor: str) -> torch.Tensor:
@@ -75,6 +86,17 @@ def merge(artifacts: Sequence[Artifact | str | os.PathLike[str]], *, method: str
 
     return write_deltas(ComputedDeltas(base, entries, compute), codec=codec, out=out, name=name,
                         provenance={"source": f"deltahub merge ({method})", "merge": recipe}, **codec_params)
+
+
+def _stays_lora(arts: list[Artifact], method: str, form: str) -> bool:
+    if form not in ("auto", "delta", "lora"):
+        raise MergeError(f"form is 'auto', 'delta' or 'lora', got {form!r}.")
+    lora = method == "task_arithmetic" and all(a.manifest.kind == "lora" for a in arts)
+    if form == "lora" and not lora:
+        raise MergeError("Only task_arithmetic of LoRA experts stays LoRA (its result is a sum of low-rank terms); "
+                         f"{method} of {', '.join(sorted({a.manifest.kind for a in arts}))} experts gives a delta: "
+                         "pass form='delta' (--form delta).")
+    return lora and form != "delta"
 
 
 def _recipe(arts: list[Artifact], method: str, weights: Sequence[float] | None, params: dict) -> dict[str, Any]:
@@ -182,3 +204,49 @@ def _dare(d: torch.Tensor, density: float, seed: int, name: str) -> torch.Tensor
 
     mask = keep_mask(seed, name, d.numel(), 1.0 - density).reshape(d.shape).to(d.dtype)
     return d * mask / density
+
+
+def _merge_lora(arts: list[Artifact], recipe: dict[str, Any], base: BaseInfo, sources: dict[str, list], *,
+                codec: str, out: Any, name: str | None, **codec_params: Any) -> Artifact:
+    """task_arithmetic of LoRA experts as one LoRA: per module A = [w_i s_i A_i], B = [B_i], scale 1."""
+    from deltahub.adapter import Imported, get_adapter
+    from deltahub.adapters.lora import factor_keys
+    from deltahub.adapting import write_adapter
+
+    kind = get_adapter("lora")
+    configs = [a.manifest.adapter.config for a in arts]
+    natives = [a.native_tensors() for a in arts]
+    tensors, modules, whole, names = {}, {}, {}, {}
+    for key in sorted(sources):
+        terms = sources[key]
+        first = terms[0][2]
+        names[key] = first.base_name
+        if first.op == "replace":  # a saved head of one expert (several are refused by _plan)
+            whole[key] = terms[0][1].decode_tensor(first.entry)
+            continue
+        module = key.removesuffix(".weight")
+        parts = [(recipe["weights"][i], configs[i]["modules"][module], natives[i]) for i, _a, _t in terms]
+        if len({m["layer"] for _w, m, _n in parts}) > 1:
+            raise MergeError(f"Module {module!r} is a different kind of layer in different experts "
+                             f"({', '.join(sorted({m['layer'] for _w, m, _n in parts}))}); merge form='delta'.")
+        ka, kb = factor_keys(module, parts[0][1])
+        tensors[ka] = torch.cat([n[ka] * w * float(m["scale"]) for w, m, n in parts], dim=0)  # PEFT's order
+        tensors[kb] = torch.cat([n[kb] for _w, _m, n in parts], dim=1)
+        r = tensors[ka].shape[0]
+        modules[module] = {"layer": parts[0][1]["layer"], "r": r, "alpha": float(r), "scale": 1.0}
+    config = {"peft_config": _cat_peft_config(configs, modules, whole), "modules": modules}
+    imported = Imported(config, tensors, kind.targets(tensors, config), whole)
+    return write_adapter(kind, imported, base=base, base_names=names, codec=codec, out=out, name=name,
+                         provenance={"source": "deltahub merge (task_arithmetic, LoRA cat)", "merge": recipe},
+                         **codec_params)
+
+
+def _cat_peft_config(configs: list[dict], modules: dict[str, dict], whole: dict) -> dict[str, Any]:
+    """The first expert's PEFT config with r = α (scale 1), exact per-module ranks, every module targeted."""
+    peft = dict(configs[0]["peft_config"])
+    r = Counter(m["r"] for m in modules.values()).most_common(1)[0][0]
+    others = {re.escape(mod): m["r"] for mod, m in modules.items() if m["r"] != r}  # PEFT reads keys as regexes
+    saved = sorted({s for c in configs for s in c["peft_config"].get("modules_to_save") or []}) if whole else None
+    peft.update(r=r, lora_alpha=r, rank_pattern=others, alpha_pattern=dict(others), use_rslora=False,
+                target_modules=sorted(modules), modules_to_save=saved)
+    return peft

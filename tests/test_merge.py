@@ -182,3 +182,83 @@ def test_heads_of_several_experts_are_refused_or_dropped(tmp_path: Path) -> None
     assert "head.weight" not in {e.name for e in out.manifest.tensors}
     assert out.manifest.provenance["merge"]["new"] == "drop"
     torch.testing.assert_close(deltahub.apply(out, base)["fc.weight"], base["fc.weight"] + 0.2, rtol=0, atol=1e-6)
+
+
+def _peft_pair(tmp_path: Path, base_sd: dict):
+    """A PEFT model of Tiny with adapters first (fc, r=2), second (fc + emb, r=3, rsLoRA), random factors."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"]), adapter_name="first")
+    pm.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["fc", "emb"], use_rslora=True))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    pm.save_pretrained(str(tmp_path / "peft"))  # in peft/first/ and peft/second/
+    return pm
+
+
+def test_lora_task_arithmetic_stays_lora_as_peft_cat(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base_sd = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    pm = _peft_pair(tmp_path, base_sd)
+    arts = [deltahub.compress(tmp_path / "peft" / "first", base=base_sd, out=tmp_path / "la", name="la"),
+            deltahub.compress(tmp_path / "peft" / "second", base=base_sd, out=tmp_path / "lb", name="lb")]
+    out = deltahub.merge(arts, method="task_arithmetic", weights=[1.0, -0.5], out=tmp_path / "m")
+    assert out.manifest.kind == "lora" and out.manifest.provenance["merge"]["form"] == "lora"
+    assert out.manifest.stats["ranks"] == [3, 5]  # emb: second's 3; fc: 2 + 3
+    pm.add_weighted_adapter(["first", "second"], [1.0, -0.5], "m", combination_type="cat")
+    ours = out.native_tensors()
+    fc = pm.base_model.model.fc
+    assert torch.equal(ours["fc.lora_A.weight"], fc.lora_A["m"].weight) and torch.equal(
+        ours["fc.lora_B.weight"], fc.lora_B["m"].weight)  # the same factors, bit for bit
+    merged = deltahub.apply(out, base_sd)
+    emb = pm.base_model.model.emb
+    torch.testing.assert_close(merged["emb.weight"], base_sd["emb.weight"] + emb.get_delta_weight("m"),
+                               rtol=0, atol=1e-6)
+    deltahub.export(out, tmp_path / "exported")  # per-module ranks survive in a folder PEFT loads
+    fresh = Tiny()
+    fresh.load_state_dict(base_sd)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "exported")).merge_and_unload()
+    for k in ("fc.weight", "emb.weight"):
+        torch.testing.assert_close(loaded.state_dict()[k], merged[k], rtol=0, atol=1e-6)
+
+
+def test_lora_merge_form_delta_and_refusals(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base_sd = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    _peft_pair(tmp_path, base_sd)
+    arts = [deltahub.compress(tmp_path / "peft" / "first", base=base_sd, out=tmp_path / "la", name="la"),
+            deltahub.compress(tmp_path / "peft" / "second", base=base_sd, out=tmp_path / "lb", name="lb")]
+    lora = deltahub.merge(arts, method="task_arithmetic", out=tmp_path / "l")
+    delta = deltahub.merge(arts, method="task_arithmetic", form="delta", out=tmp_path / "d")
+    assert delta.manifest.kind == "delta" and "form" not in delta.manifest.provenance["merge"]
+    a, b = deltahub.apply(lora, base_sd), deltahub.apply(delta, base_sd)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in base_sd)
+    with pytest.raises(MergeError, match=r"^Only task_arithmetic of LoRA experts stays LoRA .* pass form='delta'"):
+        deltahub.merge(arts, method="ties", form="lora", density=0.5, out=tmp_path / "no")
+    assert deltahub.merge(arts, method="ties", density=0.5, out=tmp_path / "t").manifest.kind == "delta"
+    with pytest.raises(MergeError, match=r"^form is 'auto', 'delta' or 'lora', got 'cat'\.$"):
+        deltahub.merge(arts, method="task_arithmetic", form="cat", out=tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
+def test_lora_merge_recipe_reproduces_bytes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    torch.manual_seed(0)
+    base_sd = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    _peft_pair(tmp_path, base_sd)
+    arts = [deltahub.compress(tmp_path / "peft" / "first", base=base_sd, out=tmp_path / "la", name="la"),
+            deltahub.compress(tmp_path / "peft" / "second", base=base_sd, out=tmp_path / "lb", name="lb")]
+    run = CliRunner().invoke
+    first = run(cli, ["merge", str(tmp_path / "la"), str(tmp_path / "lb"), "-o", str(tmp_path / "m"),
+                      "--method", "task_arithmetic", "--weights", "1,0.5"])
+    assert first.exit_code == 0 and "lora rank 3/5" in first.output, first.output
+    again = run(cli, ["merge", str(tmp_path / "la"), str(tmp_path / "lb"), "--recipe",
+                      str(tmp_path / "m" / "deltahub.json"), "-o", str(tmp_path / "m2")])
+    assert again.exit_code == 0, again.output
+    assert deltahub.Artifact.load(tmp_path / "m2").id == arts[0].__class__.load(tmp_path / "m").id

@@ -160,7 +160,7 @@ class LoraAdapter(AdapterKind):
     def targets(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[Target]:
         out = []
         for module, m in config["modules"].items():
-            keys = _keys(module, m)
+            keys = factor_keys(module, m)
             if not all(k in tensors for k in keys):
                 raise ManifestError(f"LoRA module {module!r} lacks its factors {keys}; the artifact is corrupt.")
             A, B = tensors[keys[0]], tensors[keys[1]]
@@ -193,7 +193,8 @@ class LoraAdapter(AdapterKind):
         return collect_lora(model)
 
 
-def _keys(module: str, m: Mapping[str, Any]) -> tuple[str, str]:
+def factor_keys(module: str, m: Mapping[str, Any]) -> tuple[str, str]:
+    """The names of a module's (A, B) factors."""
     if m["layer"] == "embedding":
         return module + ".lora_embedding_A", module + ".lora_embedding_B"
     return module + ".lora_A.weight", module + ".lora_B.weight"
