@@ -272,6 +272,23 @@ class Artifact:
             raise IntegrityError(f"Codec {entry.codec} decoded {entry.name!r} to shape {list(out.shape)}, expected {entry.shape}.")
         return out.to(dtype_from_name(entry.dtype)) if entry.op in ("replace", "native") else out
 
+    def sparse_tensor(self, entry: TensorEntry) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An ``add`` entry's delta as (flat positions, fp32 values) when its codec stores it sparse, else None.
+
+        Raises:
+            IntegrityError: the payload does not decode.
+        """
+        codec = self.codec(entry)
+        try:
+            out = codec.sparse(self.encoded(entry), tuple(entry.shape))
+        except CodecVersionError:
+            raise
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise IntegrityError(f"Cannot decode {entry.name!r} with codec {entry.codec}: {exc}. The artifact is corrupt.") from None
+        if out is not None and (out[0].shape != out[1].shape or out[0].dim() != 1):
+            raise IntegrityError(f"Codec {entry.codec} gave {entry.name!r} {out[0].numel()} positions for {out[1].numel()} values.")
+        return out
+
     def decode(self) -> dict[str, torch.Tensor]:
         """Every tensor: deltas for ``add`` entries, whole tensors for ``replace`` entries."""
         return dict(self.iter_decoded())

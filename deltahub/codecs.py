@@ -120,6 +120,16 @@ class Codec(ABC):
             ValueError: the payload is inconsistent with ``shape`` or its own metadata.
         """
 
+    def sparse(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The delta as (strictly increasing flat positions int64, their fp32 values), equal to ``decode`` there
+        and zero elsewhere, for codecs that store a sparse support; None (the default) for the others.
+        ``deltahub.merge`` combines such deltas without building dense tensors.
+
+        Raises:
+            ValueError: the payload is inconsistent with ``shape`` or its own metadata.
+        """
+        return None
+
     def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> Resident:
         """The in-memory layout the kernels apply (default: the decoded dense tensor)."""
         from deltahub.kernels.layouts import Dense

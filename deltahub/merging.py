@@ -23,6 +23,7 @@ expert that has them. Inputs are streamed: per tensor name, one delta per input 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -166,10 +167,59 @@ def _merge_tensor(name: str, terms: list, recipe: dict[str, Any]) -> torch.Tenso
         return a0.decode_tensor(t0.entry)
     n = len(recipe["inputs"])
     shape = tuple(t0.shape)
+    sparse = _sparse_terms(terms, recipe, math.prod(shape))
+    if sparse is not None:
+        return combine_sparse(sparse, recipe, math.prod(shape), name).reshape(shape)
     deltas = [torch.zeros(shape, dtype=torch.float32) for _ in range(n)]
     for i, a, term in terms:  # inputs that leave this tensor alone contribute τ_i = 0
-        deltas[i] = to_dense(a.term_resident(term)).reshape(shape).float()
+        d = a.decode_tensor(term.entry) if term.entry is not None else to_dense(a.term_resident(term))
+        deltas[i] = d.reshape(shape).float()
     return combine(deltas, recipe, name)
+
+
+def _sparse_terms(terms: list, recipe: dict[str, Any], numel: int) -> dict[int, tuple] | None:
+    """Each input's (positions, values) when every input stores this tensor sparse and trimming (TIES,
+    magnitude prune) would keep all its entries anyway (top-k among equal magnitudes is no defined choice)."""
+    out = {}
+    for i, a, term in terms:
+        sp = a.sparse_tensor(term.entry) if term.entry is not None else None
+        if sp is None:
+            return None
+        if recipe["method"] in ("ties", "magnitude_prune") and sp[0].numel() > int(recipe["density"] * numel):
+            return None
+        out[i] = sp
+    return out
+
+
+def combine_sparse(parts: dict[int, tuple[torch.Tensor, torch.Tensor]], recipe: dict[str, Any], numel: int,
+                   name: str = "") -> torch.Tensor:
+    """:func:`combine` on sparse deltas ({input: (positions, values)}), bit for bit: O(Σ kept) scatters.
+
+    An input that is zero at an element neither votes nor counts there (sign 0 is never the elected
+    sign), so scattering each input's kept entries, in input order, gives the dense sums exactly.
+    """
+    method, density = recipe["method"], recipe.get("density", 1.0)
+    w = torch.tensor(recipe["weights"], dtype=torch.float32)
+    items = sorted(parts.items())
+    if method in ("dare_linear", "dare_ties") and density < 1:
+        from deltahub.plugins.dare import keep_mask
+
+        items = [(i, (p, v * keep_mask(recipe["seed"] + i, name, numel, 1.0 - density)[p].to(v.dtype) / density))
+                 for i, (p, v) in items]
+    out = torch.zeros(numel, dtype=torch.float32)
+    if method not in ("ties", "dare_ties"):
+        for i, (p, v) in items:
+            out.index_add_(0, p, v * w[i])
+        return out
+    votes = torch.zeros(numel, dtype=torch.float32)  # O(numel) scratch, not O(inputs × numel) as dense
+    for _i, (p, v) in items:
+        votes.index_add_(0, p, v if recipe["majority_sign_method"] == "total" else v.sign())
+    count = torch.zeros(numel, dtype=torch.float32)
+    for i, (p, v) in items:
+        agree = (v.sign() == torch.where(votes[p] >= 0, 1.0, -1.0)).to(v.dtype)
+        out.index_add_(0, p, v * w[i] * agree)
+        count.index_add_(0, p, agree)
+    return out.div_(count.clamp_(min=1.0))
 
 
 def combine(deltas: list[torch.Tensor], recipe: dict[str, Any], name: str = "") -> torch.Tensor:

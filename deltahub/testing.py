@@ -16,6 +16,7 @@ Requires pytest (imported here, never by ``import deltahub``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -217,6 +218,20 @@ class CodecContract:
         broken = Encoded({**enc.tensors, key: enc.tensors[key].reshape(-1)[:-1]}, enc.meta)
         with pytest.raises((ValueError, RuntimeError)):
             codec.decode(broken, (64, 48))
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    def test_sparse_form_equals_decode(self, setup: tuple[Codec, CodecConfig], shape: tuple[int, ...]) -> None:
+        codec, config = setup
+        enc = self.encode(codec, config, self.delta(shape, seed=8))
+        sp = codec.sparse(enc, shape)
+        if sp is None:
+            pytest.skip(f"{codec.name} has no sparse form")
+        pos, values = sp
+        assert pos.dtype == torch.int64 and values.dtype == torch.float32 and pos.shape == values.shape
+        assert pos.numel() < 2 or bool((pos[1:] > pos[:-1]).all())
+        dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+        dense[pos] = values
+        assert torch.equal(dense.reshape(shape), codec.decode(enc, shape).float())
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     def test_resident_apply_matches_decode(self, setup: tuple[Codec, CodecConfig], dtype: torch.dtype) -> None:

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("bench_kernels.py", ["--quick"]),
                                          ("bench_compeft.py", ["--quick", "--only", "size,encode"]),
-                                         ("bench_lora.py", ["--quick"]), ("bench_pool.py", ["--quick"])])
+                                         ("bench_lora.py", ["--quick"]), ("bench_pool.py", ["--quick"]),
+                                         ("bench_merge_sparse.py", ["--quick"])])
 def test_benchmark_quick_mode_runs(script: str, args: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,

@@ -262,3 +262,39 @@ def test_lora_merge_recipe_reproduces_bytes(tmp_path: Path) -> None:
                       str(tmp_path / "m" / "deltahub.json"), "-o", str(tmp_path / "m2")])
     assert again.exit_code == 0, again.output
     assert deltahub.Artifact.load(tmp_path / "m2").id == arts[0].__class__.load(tmp_path / "m").id
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+@pytest.mark.parametrize("codec", [("compeft", {"density": 0.3}), ("dare", {"p": 0.6})])
+def test_sparse_combine_equals_dense_bit_for_bit(method: str, sign: str, codec: tuple) -> None:
+    from deltahub.codecs import get_codec
+    from deltahub.merging import combine_sparse
+
+    c = get_codec(codec[0])
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(40, 33, generator=g) * (i + 1) for i in range(3)]
+    encs = [c.encode(d, c.parse_config(codec[1]), None, name="w") for d in deltas]
+    parts = {i: c.sparse(e, (40, 33)) for i, e in enumerate(encs)}
+    recipe = {"method": method, "weights": [0.7, 1.0, -0.4], "density": 0.45, "majority_sign_method": sign,
+              "seed": 2}
+    want = combine([c.decode(e, (40, 33)) for e in encs], recipe, "w")
+    assert torch.equal(combine_sparse(parts, recipe, 40 * 33, "w").reshape(40, 33), want)
+
+
+def test_merge_of_compeft_experts_takes_the_sparse_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub import merging
+
+    _, arts = _experts(tmp_path, "compeft", density=0.2)
+    calls, real = [], merging.combine_sparse
+    monkeypatch.setattr(merging, "combine_sparse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = deltahub.merge(arts, method="ties", density=0.25, out=tmp_path / "fast")
+    n_matrices = sum(1 for e in arts[0].manifest.tensors if e.codec == "compeft")
+    assert len(calls) == n_matrices  # every ComPEFT matrix; biases and norms (dense) take the dense path
+    calls.clear()
+    trimmed = deltahub.merge(arts, method="ties", density=0.1, out=tmp_path / "trim")  # trims: dense path
+    assert calls == [] and trimmed.id != fast.id
+    monkeypatch.undo()
+    for name, d in fast.decode().items():
+        want = combine([a.decode()[name].float() for a in arts], fast.manifest.provenance["merge"], name)
+        assert torch.equal(d, want), name

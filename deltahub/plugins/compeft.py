@@ -146,10 +146,15 @@ class CompeftCodec(Codec):
             raise ValueError("compeft payload needs one finite fp32 scale")
         return positions, signs, float(scale_t)
 
-    def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+    def sparse(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept positions, ±scale): O(kept) work, what TIES and task arithmetic of ComPEFT experts need."""
         positions, signs, scale = self._parts(enc, shape)
+        return positions, signs.to(torch.float32) * scale
+
+    def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        positions, values = self.sparse(enc, shape)
         out = torch.zeros(math.prod(shape), dtype=torch.float32)
-        out[positions] = signs.to(torch.float32) * scale
+        out[positions] = values
         return out.reshape(shape)
 
     def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> TernaryMask | SparseRows:

@@ -123,10 +123,15 @@ class DareCodec(Codec):
             raise ValueError(f"{self.name} payload needs one finite fp32 scale")
         return pos, values, scale.reshape(1)
 
-    def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+    def sparse(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept positions, rescaled values v/(1 − p)) without the dense tensor."""
         pos, values, scale = self._parts(enc, shape)
+        return pos, values.float() * scale
+
+    def decode(self, enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        pos, values = self.sparse(enc, shape)
         out = torch.zeros(math.prod(shape), dtype=torch.float32)
-        out[pos] = values.float() * scale
+        out[pos] = values
         return out.reshape(shape)
 
     def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> SparseRows:
