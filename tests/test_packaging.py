@@ -54,5 +54,6 @@ def test_wheel_holds_only_deltahub(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"deltahub", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for sub in ("plugins/compeft.py", "kernels/apply.py", "kernels/cpu_kernels.c", "registry/api.py", "cli/core.py"):
+    for sub in ("plugins/compeft.py", "kernels/apply.py", "kernels/cpu_kernels.c", "registry/api.py", "cli/core.py",
+                "serving/pool.py", "integrations/vllm.py"):
         assert f"deltahub/{sub}" in names
