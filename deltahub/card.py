@@ -16,30 +16,35 @@ from typing import Any
 
 from deltahub.manifest import Manifest
 
+# The built-in codecs' pretty_name and reference_url, so a card renders without importing them (and torch):
+# push and pull write cards and stay torch-free. tests/test_card.py pins this table to the classes.
 PAPERS = {
-    "compeft": ("ComPEFT", "https://arxiv.org/abs/2311.13171"),
-    "dare": ("DARE", "https://arxiv.org/abs/2311.03099"),
-    "darex": ("DAREx", "https://arxiv.org/abs/2410.09344"),
-    "bitdelta": ("BitDelta", "https://arxiv.org/abs/2402.10193"),
-    "binary": ("1-bit adapters (Bi-LoRA)", "https://arxiv.org/abs/2309.04896"),
-    "dense": ("lossless dense delta", None),
+    "compeft": ("ComPEFT (sparse ternary)", "https://arxiv.org/abs/2311.13171"),
+    "dare": ("DARE (drop and rescale)", "https://arxiv.org/abs/2311.03099"),
+    "darex": ("DAREx-q (drop, tuned rescale)", "https://arxiv.org/abs/2410.09344"),
+    "bitdelta": ("BitDelta (sign bit + per-matrix scale)", "https://arxiv.org/abs/2402.10193"),
+    "binary": ("1-bit adapters (b-bit Gaussian codebook)", "https://arxiv.org/abs/2307.16867"),
+    "dense": ("Dense (lossless)", None),
+    "auto": ("auto (per-tensor codec choice)", None),
 }
 LIBRARY_NAME = "deltahub"
 REQUIRED_KEYS = ("library_name", "tags", "deltahub")
 REQUIRED_DELTAHUB_KEYS = ("id", "name", "kind", "codec", "bits_per_param", "ratio_vs_fp16", "rel_error", "base_fingerprint")
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 def codec_reference(name: str) -> tuple[str, str | None]:
-    """(display name, paper URL) of a codec: from its installed plugin, else from the built-in table."""
+    """(display name, paper URL) of a codec: built-ins from the table, others from their installed plugin.
+
+    A built-in's name cannot be taken by a plugin (discovery reports such a plugin as shadowed).
+    """
+    if name in PAPERS:
+        return PAPERS[name]
     try:
         from deltahub.codecs import get_codec
 
         cls = get_codec(name)
-        pretty, url = getattr(cls, "pretty_name", "") or name, getattr(cls, "reference_url", None)
+        return getattr(cls, "pretty_name", "") or name, getattr(cls, "reference_url", None)
     except Exception:  # noqa: BLE001 - a card of an artifact whose codec is not installed still renders
-        pretty, url = PAPERS.get(name, (name, None))
-    if url is None and name in PAPERS:
-        url = PAPERS[name][1]
-    return pretty, url
+        return name, None
 
 
 def codecs_used(manifest: Manifest) -> dict[str, int]:

@@ -150,3 +150,16 @@ def test_check_card_finds_problems(arts):
     # YAML that ModelCard reads differently from the block as written (it drops null values)
     assert check_card(good.replace("library_name: deltahub", "library_name: deltahub\nlicense: null", 1)) == [
         "the YAML block of the card differs from what ModelCard parsed"]
+
+
+def test_builtin_paper_table_matches_the_codecs():
+    """Cards name built-in codecs from a table (no plugin import on push); it must say what the classes say."""
+    from deltahub.card import PAPERS
+    from deltahub.codecs import get_codec
+    from deltahub.discovery import BUILTIN_DISTRIBUTION, entry_points
+
+    builtins = {ep.name for ep in entry_points("deltahub.codecs") if ep.dist and ep.dist.name == BUILTIN_DISTRIBUTION}
+    assert builtins <= set(PAPERS)
+    for name in builtins:
+        cls = get_codec(name)
+        assert PAPERS[name] == (cls.pretty_name, getattr(cls, "reference_url", None)), name

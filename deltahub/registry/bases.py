@@ -17,7 +17,6 @@ from typing import Any
 
 from deltahub.errors import BaseMismatchError, BaseNotFoundError, CheckpointError, DeltaHubError, RemoteError
 from deltahub.manifest import BaseInfo
-
 from deltahub.registry.backends import LocalBackend
 from deltahub.registry.refs import is_hex_id
 
@@ -134,16 +133,17 @@ def find_base_named(backend: LocalBackend, name: str) -> Path | None:
 
 
 def auto_register(backend: LocalBackend, base_info: BaseInfo) -> Path | None:
-    """On push: file the base under the delta's fingerprint if its recorded local path still matches."""
+    """On push: note the base's recorded local path under the delta's fingerprint, unless one is filed.
+
+    Nothing is read or hashed here (push moves bytes and stays free of torch): the note is a candidate,
+    and :func:`find_base` verifies it before any use, replacing it when it no longer matches.
+    """
     loc = base_info.location
-    if not loc.get("path") or not Path(loc["path"]).exists():
+    if not loc.get("path") or not Path(loc["path"]).exists() or not is_hex_id(base_info.fingerprint):
         return None
-    if not is_hex_id(base_info.fingerprint):
-        return None
-    try:
-        register_base(backend, loc["path"], base_info)
-    except (BaseMismatchError, CheckpointError):
-        return None  # the file at that path changed since compress: it is not this delta's base
+    if _read(backend, _rel(base_info.fingerprint)) is None:
+        _write(backend, {"fingerprint": base_info.fingerprint, "path": str(Path(loc["path"]).resolve()),
+                         "name": base_info.name})
     return Path(loc["path"])
 
 
