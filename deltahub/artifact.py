@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zstandard
 from safetensors import SafetensorError
 
 from deltahub.codecs import Encoded, get_codec
 from deltahub.constants import CARD_NAME
-from deltahub.errors import ArtifactNotFoundError, CodecVersionError, IntegrityError, OutputExistsError
-from deltahub.manifest import MANIFEST_NAME, Manifest, TensorEntry, check_relpath, parse_manifest
+from deltahub.errors import ArtifactNotFoundError, CodecVersionError, IntegrityError, ManifestError, OutputExistsError
+from deltahub.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorEntry, check_relpath, parse_manifest
+from deltahub.payloads import check_safetensors_header, unwrap
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +113,9 @@ class Artifact:
         mpath = folder / MANIFEST_NAME
         if not mpath.is_file():
             raise ArtifactNotFoundError(f"No deltahub artifact at {folder} (no {MANIFEST_NAME}); check the path or `deltahub ls`.")
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:  # size before reading: never load a hostile giant
+            raise ManifestError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a deltahub "
+                                "manifest. Pull the artifact again from a trusted source.")
         manifest = parse_manifest(mpath.read_bytes())
         art = cls(manifest, folder)
         if verify:
@@ -141,7 +144,9 @@ class Artifact:
 
         if name not in self._files:
             try:
-                self._files[name] = st_load((self.folder / name).read_bytes())
+                data = (self.folder / name).read_bytes()
+                check_safetensors_header(data, name)
+                self._files[name] = st_load(data)
             except (SafetensorError, OSError) as exc:
                 raise IntegrityError(f"{name} is not a valid safetensors file ({exc}); pull the artifact again.") from None
         return self._files[name]
@@ -317,31 +322,6 @@ class Artifact:
                 shutil.copyfile(self.folder / rel, dst)
             (tmp / MANIFEST_NAME).write_text(self.manifest.to_json())
         return Path(path)
-
-
-def unwrap(t: torch.Tensor, pk: Any) -> torch.Tensor:
-    """Undo a payload key's lossless stage; check dtype, shape and decoded size against the manifest."""
-    import torch
-
-    from deltahub.checkpoint import dtype_from_name
-
-    dtype = dtype_from_name(pk.dtype)
-    if t.numel() * t.element_size() != pk.stored:
-        raise IntegrityError(f"Payload {pk.key!r} holds {t.numel() * t.element_size()} bytes, the manifest says {pk.stored}.")
-    if pk.stage == "zstd":
-        if t.dtype != torch.uint8 or t.dim() != 1:
-            raise IntegrityError(f"Payload {pk.key!r} should hold zstd bytes; the artifact is corrupt.")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(t.numpy().tobytes(), max_output_size=pk.nbytes)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"Payload {pk.key!r} is not valid zstd ({exc}); the artifact is corrupt.") from None
-        if len(raw) != pk.nbytes:
-            raise IntegrityError(f"Payload {pk.key!r} decompressed to {len(raw)} bytes, the manifest says {pk.nbytes}.")
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype) if raw else torch.empty(0, dtype=dtype)
-        t = t.reshape(pk.shape)
-    if t.dtype != dtype or list(t.shape) != list(pk.shape) or t.numel() * t.element_size() != pk.nbytes:
-        raise IntegrityError(f"Payload {pk.key!r} is {t.dtype} {list(t.shape)}, the manifest says {pk.dtype} {pk.shape}.")
-    return t
 
 
 class staging:
