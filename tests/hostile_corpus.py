@@ -12,7 +12,6 @@ what a user runs: ``Artifact.load``, then ``decode_tensor`` and ``resident`` for
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import resource

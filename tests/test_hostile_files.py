@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import hostile_corpus
+import pytest
 
 
 @pytest.fixture(scope="module")
