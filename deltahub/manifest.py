@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import re
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,23 +25,39 @@ DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-def check_relpath(name: str) -> str:
-    """Return ``name`` if it is a safe relative POSIX path inside a folder.
+_PORTABLE = re.compile(r"^[A-Za-z0-9._-]+$")  # POSIX portable filename characters
+_WINDOWS_DEVICE = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
+MAX_PART = 255  # bytes in one path component on ext4, APFS and NTFS
+MAX_PATH = 1024
+
+
+def windows_unsafe(part: str) -> bool:
+    """A name Windows cannot hold as written: a device name (``CON``, ``nul.txt``, ``COM1``) or a trailing dot or space."""
+    return _WINDOWS_DEVICE.match(part) is not None or part.endswith((".", " "))
+
+
+def check_relpath(name: str, *, portable: bool = True) -> str:
+    """Return ``name`` if it is a safe, portable relative path inside a folder.
+
+    Each part uses the POSIX portable characters (letters, digits, ``.``, ``_``, ``-``), so no separator,
+    drive, stream (``:``), control or look-alike character (``．``, ``∕``, U+202E) gets through, and no part
+    is a Windows device name or ends in a dot; deltahub writes only such names (``payload-00001.safetensors``).
+    With ``portable=False`` only escapes are refused (for names deltahub lists but never writes, such as the
+    other files of a Hub repo).
 
     Raises:
-        UnsafePathError: absolute, drive or UNC paths, ``..`` parts, backslashes, NUL or control chars.
+        UnsafePathError: absolute, drive or UNC paths, ``..`` parts, or a part that is not portable.
     """
-    bad = (
-        not name
-        or "\\" in name
-        or any(ord(c) < 32 for c in name)
-        or name.startswith("/")
-        or re.match(r"^[A-Za-z]:", name) is not None
-        or any(part in ("..", ".", "") for part in PurePosixPath(name).parts)
-        or name != str(PurePosixPath(name))
-    )
-    if bad:
-        raise UnsafePathError(f"Refusing file name {name!r}: it would escape the artifact folder. Use plain relative names.")
+    shown = name[:80] + ("..." if len(name) > 80 else "") if isinstance(name, str) else name
+    if (not isinstance(name, str) or not name or "\\" in name or any(ord(c) < 32 for c in name) or name.startswith("/")
+            or re.match(r"^[A-Za-z]:", name) is not None
+            or any(part in ("..", ".", "") for part in name.split("/"))):
+        raise UnsafePathError(f"Refusing file name {shown!r}: it would escape the artifact folder. Use plain relative names.")
+    parts = name.split("/")
+    if portable and (len(name) > MAX_PATH or any(len(p) > MAX_PART or not _PORTABLE.match(p) or windows_unsafe(p)
+                                                for p in parts)):
+        raise UnsafePathError(f"Refusing file name {shown!r}: artifact files use portable names (letters, digits, '.', "
+                              "'_', '-'; no Windows device names or trailing dots). Rename the file.")
     return name
 
 

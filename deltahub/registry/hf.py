@@ -267,7 +267,7 @@ class HubRemote:
         for e in sorted(entries, key=lambda e: not isinstance(e, RepoFile)):  # name a hostile file before its folder
             path = getattr(e, "path", None)
             try:
-                check_relpath(path if isinstance(path, str) else "")
+                check_relpath(path if isinstance(path, str) else "", portable=False)  # other files may be any name
             except UnsafePathError:
                 raise UnsafePathError(f"{self._where()} holds a file named {path!r} that could escape the download folder; "
                                       "refusing to pull anything from it.") from None

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from deltahub.errors import RegistryError, UnsafePathError
+from deltahub.manifest import windows_unsafe
 
 DEFAULT_TAG = "latest"
 MAX_NAME = 128
@@ -36,15 +37,17 @@ def check_name(value: str, what: str = "name") -> str:
     if "/" in value or "\\" in value or ".." in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise UnsafePathError(f"Refusing {what} {value!r}: it could escape the registry folder. "
                               "Use letters, digits, '.', '_', '-'.")
-    if len(value) > MAX_NAME or not _NAME.match(value):
+    if len(value) > MAX_NAME or not _NAME.match(value) or windows_unsafe(value):
         raise RegistryError(f"Invalid {what} {value[:MAX_NAME]!r}: use at most {MAX_NAME} letters, digits, '.', '_' "
-                            "or '-', starting with a letter or digit (e.g. --name my-expert).")
+                            "or '-', starting with a letter or digit, not a Windows device name such as 'con', not ending in '.' "
+                            "(e.g. --name my-expert).")
     return value
 
 
 def is_valid_name(value: str) -> bool:
     """True if ``value`` passes :func:`check_name` (for filtering untrusted listings)."""
-    return isinstance(value, str) and len(value) <= MAX_NAME and ".." not in value and _NAME.match(value) is not None
+    return (isinstance(value, str) and len(value) <= MAX_NAME and ".." not in value and _NAME.match(value) is not None
+            and not windows_unsafe(value))
 
 
 def is_hex_id(value: str) -> bool:
