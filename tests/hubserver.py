@@ -38,6 +38,7 @@ import json
 import re
 import secrets
 import threading
+import time
 import traceback
 from collections import namedtuple
 from datetime import datetime, timezone
@@ -121,6 +122,8 @@ class HubServer:
         self.ignore_range = False  # True: answer Range requests with 200 + full body (huggingface_hub#3778)
         self._faults: list[list[Any]] = []  # [route, method or None, remaining, status]
         self._corrupt: dict[tuple[str, str], int] = {}
+        self._slow: dict[tuple[str, str], list[Any]] = {}
+        self.stopping = threading.Event()
         self._nonces: dict[tuple[str, str], str] = {}
         self._lock = threading.RLock()
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
@@ -133,6 +136,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -167,6 +171,14 @@ class HubServer:
     def corrupt(self, repo_id: str, path: str, offset: int = 0) -> None:
         """GETs of ``path`` (any revision) serve the byte at ``offset`` flipped; status 200, size unchanged."""
         self._corrupt[(repo_id, path)] = offset
+
+    def slow_body(self, repo_id: str, path: str, kind: str, *, times: int | None = 1, after_bytes: int = 64,
+                  delay: float = 0.01) -> None:
+        """GETs of ``path`` send their body badly: ``stall`` sends ``after_bytes`` then goes silent for ``delay``
+        seconds with the connection open (a read timeout mid-body); ``drip`` sends it all, ``after_bytes`` at a
+        time, ``delay`` apart. ``times``: how many GETs (None: all)."""
+        assert kind in ("stall", "drip"), kind
+        self._slow[(repo_id, path)] = [kind, times, after_bytes, delay]
 
     def uncorrupt(self, repo_id: str, path: str) -> None:
         self._corrupt.pop((repo_id, path), None)
@@ -409,6 +421,10 @@ class HubServer:
         if method == "GET" and data and (offset := self._corrupt.get((repo.repo_id, args["path"]))) is not None:
             i = offset % len(data)
             data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+        slow = self._slow.get((repo.repo_id, args["path"])) if method == "GET" and data else None
+        if slow is not None and slow[1] != 0:
+            slow[1] = None if slow[1] is None else slow[1] - 1
+            out["X-Test-Body"] = f"{slow[0]} {slow[2]} {slow[3]}"  # the handler acts on it and strips it
         if headers.get("Range") and method == "GET" and not self.ignore_range:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", headers["Range"].strip())
             if not m or int(m.group(1)) >= len(data):
@@ -436,12 +452,31 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             status, headers, payload = hub.dispatch(self.command, self.path, self.headers, body)
+        slow = headers.pop("X-Test-Body", None)
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(payload))}.items():
             self.send_header(key, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if slow is None:
             self.wfile.write(payload)
+            return
+        kind, step, delay = slow.split()
+        step, delay = int(step), float(delay)
+        try:
+            if kind == "stall":
+                self.wfile.write(payload[:step])
+                self.wfile.flush()
+                hub.stopping.wait(delay)  # silent, connection open
+                self.close_connection = True
+                return
+            for i in range(0, len(payload), step):
+                self.wfile.write(payload[i:i + step])
+                self.wfile.flush()
+                time.sleep(delay)
+        except OSError:
+            self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
 

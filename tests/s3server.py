@@ -252,7 +252,7 @@ def run_s3_server(*, reset: bool = True, quiet: bool = True) -> Iterator[S3Serve
 
 # --------------------------------------------------------------------------------------------- proxy
 
-FAULT_KINDS = ("error", "reset", "truncate", "flip", "ignore_range", "delay")
+FAULT_KINDS = ("error", "reset", "truncate", "flip", "ignore_range", "delay", "stall", "drip")
 _HOP = {
     "connection",
     "keep-alive",
@@ -328,6 +328,7 @@ class FaultProxy:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+        self.stopping = threading.Event()  # ends stalls early when the proxy stops
         self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -344,6 +345,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -383,6 +385,10 @@ class FaultProxy:
           ``flip``         200 with correct length, byte ``offset`` (default the middle) XOR 0xFF.
           ``ignore_range`` drop the request's Range header: the server answers 200 with the whole body.
           ``delay``        sleep ``delay`` seconds before answering (combine with the ``delay`` of any kind).
+          ``stall``        send headers and ``after_bytes`` of the body (default half), then go silent for
+                           ``delay`` seconds with the connection open (a read timeout mid-body), then close.
+          ``drip``         send the whole body ``after_bytes`` bytes (default 64) at a time, ``delay``
+                           seconds apart (a slow link).
         match: substring of the URL-decoded ``/bucket/key`` path ("" = any).
         method: "GET", "PUT", ... or None for any method.
         times: how many requests it hits (None = every matching request).
@@ -511,13 +517,13 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
             body_ok = status in (200, 206) and bool(resp_body) and method != "HEAD"
             bfault = proxy._pick(method, key_path, body_fault_ok=body_ok)
-            if bfault is not None and bfault.delay:
+            if bfault is not None and bfault.delay and bfault.kind not in ("stall", "drip"):
                 time.sleep(bfault.delay)
             kind = bfault.kind if bfault is not None else (fault.kind if fault is not None else None)
 
             n = len(resp_body)
             cut = n
-            if bfault is not None and bfault.kind in ("reset", "truncate"):
+            if bfault is not None and bfault.kind in ("reset", "truncate", "stall"):
                 cut = bfault.after_bytes if bfault.after_bytes is not None else n // 2
                 cut = max(0, min(cut, n - 1))
             if bfault is not None and bfault.kind == "flip":
@@ -541,9 +547,17 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             proxy._record(RequestRecord(method, key_path, split.query, status, kind, len(body), sent))
             self.end_headers()
             try:
-                if method != "HEAD":
+                if method != "HEAD" and bfault is not None and bfault.kind == "drip":
+                    step = bfault.after_bytes or 64
+                    for i in range(0, n, step):
+                        self.wfile.write(resp_body[i:i + step])
+                        self.wfile.flush()
+                        time.sleep(bfault.delay)
+                elif method != "HEAD":
                     self.wfile.write(resp_body[:cut])
                     self.wfile.flush()
+                if bfault is not None and bfault.kind == "stall":
+                    proxy.stopping.wait(bfault.delay)  # silent, connection open: only the client's read timeout ends this
             except OSError:
                 pass
             if bfault is not None and bfault.kind == "reset":

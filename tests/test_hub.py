@@ -282,6 +282,40 @@ def test_flipped_byte_is_refused_and_nothing_is_stored(hub, artifacts):
     assert Registry().pull(URL).id == art.id
 
 
+@pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
+def test_a_stall_mid_body_is_healed_or_typed(hub, artifacts, monkeypatch, times):
+    """The Hub goes silent half-way through a payload: the read timeout fires; a retry heals a one-off."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+    art = artifacts["compeft"]
+    HubRemote(URL).push_artifact(art, name="expert", tag="latest")
+    payload = art.manifest.files[0].path
+    hub.slow_body(REPO, payload, "stall", times=times, after_bytes=100, delay=5.0)
+    t0 = time.monotonic()
+    if times is None:
+        with pytest.raises(RemoteError):
+            Registry().pull(URL)
+        assert local_blobs() == [] and Registry().ls() == []
+    else:
+        assert Registry().pull(URL).id == art.id
+    # bounded, never a hang: each of our tries lets huggingface_hub resume up to 5 times, 0.3 s timeout each
+    assert time.monotonic() - t0 < 60
+    assert gets(hub, payload)[0] == 200
+
+
+def test_a_slow_drip_arrives_complete(hub, artifacts):
+    art = artifacts["compeft"]
+    HubRemote(URL).push_artifact(art, name="expert", tag="latest")
+    payload = art.manifest.files[0].path
+    hub.slow_body(REPO, payload, "drip", times=None, after_bytes=64, delay=0.002)
+    got = Registry().pull(URL)
+    assert got.id == art.id
+    got.verify_files()
+
+
 def test_flipped_byte_in_transit_once_is_healed(hub, artifacts, monkeypatch):
     art = artifacts["compeft"]
     HubRemote(URL).push_artifact(art, name="expert", tag="latest")

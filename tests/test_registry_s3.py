@@ -144,6 +144,51 @@ def test_s3_pull_through_faults_is_verified_or_typed(server, proxy, bucket, arts
     assert not tmp.is_dir() or not [p for p in tmp.rglob("*") if p.is_file()]
 
 
+TIMEOUT = {"config_kwargs": {"retries": {"total_max_attempts": 1}, "read_timeout": 1, "connect_timeout": 1}}
+
+
+@pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
+def test_s3_pull_through_a_stall_mid_body_is_verified_or_typed(server, proxy, bucket, arts, times):
+    """The server goes silent half-way through a blob: the read timeout fires, a retry heals a one-off."""
+    import time
+
+    s3_registry(server, bucket).push(arts["a"])
+    reg = s3_registry(proxy, bucket, **TIMEOUT)
+    fault = proxy.add_fault("stall", match="/blobs/", times=times, delay=5.0)
+    t0 = time.monotonic()
+    try:
+        art = reg.pull("expert")
+    except DeltaHubError:
+        assert times is None and Registry().ls() == []
+    else:
+        assert times == 1 and art.id == arts["a"].id
+        art.verify_files()
+    assert fault.hits >= 1
+    assert time.monotonic() - t0 < 5 * backends.ATTEMPTS + 10  # bounded by the read timeout, never a hang
+    assert local_blobs_ok(default_root())
+
+
+def test_s3_pull_over_a_slow_drip_is_complete(server, proxy, bucket, arts):
+    """Every blob arrives 64 bytes per 2 ms: slow, but each byte is the stored one."""
+    s3_registry(server, bucket).push(arts["a"])
+    reg = s3_registry(proxy, bucket, **TIMEOUT)
+    fault = proxy.add_fault("drip", match="/blobs/", times=None, after_bytes=64, delay=0.002)
+    art = reg.pull("expert")
+    assert fault.hits >= 2 and art.id == arts["a"].id
+    art.verify_files()
+    assert local_blobs_ok(default_root())
+
+
+def test_s3_push_whose_answers_stall_is_idempotent(server, proxy, bucket, arts):
+    """A PUT stored upstream whose response never comes: the retry re-sends, the registry ends the same."""
+    reg = s3_registry(proxy, bucket, **TIMEOUT)
+    proxy.add_fault("delay", method="PUT", match="/blobs/", times=1, delay=3.0)
+    info = reg.push(arts["a"])
+    assert info.id == arts["a"].id
+    assert s3_registry(server, bucket).verify() == []
+    assert [r.id for r in s3_registry(server, bucket).ls()] == [arts["a"].id]
+
+
 def test_s3_silent_flip_caught_by_sha256(proxy, bucket, arts, server):
     """Without botocore's response checksums only deltahub's sha256 stands between a flipped byte and the store."""
     s3_registry(server, bucket).push(arts["a"])
