@@ -36,7 +36,6 @@ import torch
 from _common import header, interleaved, mark, median, table
 
 from deltahub.codecs import get_codec
-from deltahub.compressing import fit_one
 from deltahub.kernels import LowRank, apply_, delta_matmul, mixed_linear
 from deltahub.kernels import reference as ref
 from deltahub.kernels.stack import ExpertStack
@@ -60,7 +59,7 @@ def encode(codec_name: str, params: dict, shape: tuple[int, int]) -> tuple[objec
     codec = get_codec(codec_name)
     config = codec.parse_config(params)
     d = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.01
-    enc = codec.encode(d, config, fit_one(codec, config, "t", d), name="t")
+    enc = codec.encode(d, config, codec.fit_one("t", d, config), name="t")
     return enc, codec.to_resident(enc, shape)
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from deltahub import errors as _errors
 from deltahub.errors import *  # noqa: F403  (the error hierarchy is light and part of the API)
 
-__version__ = "0.1.0"
+from deltahub._version import __version__
 
 _LAZY = {
     "Artifact": "deltahub.artifact",

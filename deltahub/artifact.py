@@ -7,7 +7,6 @@ beside the target, fsynced, then renamed into place, so a crash never leaves hal
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from deltahub.codecs import Encoded, get_codec
 from deltahub.constants import CARD_NAME
 from deltahub.errors import ArtifactNotFoundError, CodecVersionError, IntegrityError, ManifestError, OutputExistsError
+from deltahub.hashing import sha256_file
 from deltahub.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorEntry, check_relpath, parse_manifest
 from deltahub.payloads import check_safetensors_header, unwrap
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 # torch is imported by the methods that read tensors, not here: push, pull, ls, verify and gc load and
 # hash artifacts without it (`import torch` is ~1.6 s of a 2 s push on a 2-core machine)
 
-HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,6 @@ class Term:
     op: str
     shape: tuple[int, ...]
     entry: TensorEntry | None = None  # the manifest entry behind it; None for an adapter target
-
-
-def sha256_file(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file, streamed in 8 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -106,6 +106,14 @@ class Codec(ABC):
         """Statistics over the whole delta, computed once before encoding (JSON-able, kept in the manifest)."""
         return None
 
+    def fit_one(self, name: str, delta: torch.Tensor, config: CodecConfig, *,
+                calibration: Any = None) -> dict[str, Any] | None:
+        """:meth:`fit` over one tensor (codecs whose statistics are per tensor, contract tests, ``auto``);
+        None when the codec does not take the tensor."""
+        if not self.accepts(name, tuple(delta.shape), config):
+            return None
+        return self.fit(ListSource({name: delta}), config, calibration=calibration)
+
     @abstractmethod
     def encode(
         self, delta: torch.Tensor, config: CodecConfig, stats: Mapping[str, Any] | None = None, *, name: str = ""

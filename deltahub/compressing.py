@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from deltahub.artifact import Artifact, sha256_file, staging
+from deltahub.artifact import Artifact, staging
 from deltahub.checkpoint import Checkpoint, dtype_name
-from deltahub.codecs import Codec, CodecConfig, DeltaSource, ListSource, get_codec
+from deltahub.codecs import Codec, CodecConfig, DeltaSource, get_codec
 from deltahub.constants import CARD_NAME, CONFIG_NAME, progress_disabled
 from deltahub.delta import CheckpointDelta, Pair, align, exact_delta
 from deltahub.fingerprint import hash_tensors, root_hash
+from deltahub.hashing import sha256_file
 from deltahub.manifest import FORMAT_VERSION, MANIFEST_NAME, AdapterInfo, BaseInfo, FileEntry, Manifest, TensorEntry
 from deltahub.writer import PayloadWriter
 
@@ -126,13 +127,6 @@ def compress(finetuned: Any, *, base: Any = None, codec: str | None = None, out:
 
         (tmp / CARD_NAME).write_text(render_card(manifest))
     return Artifact.load(out_path)
-
-
-def fit_one(codec: Codec, config: CodecConfig, name: str, delta: torch.Tensor, calibration: Any = None) -> dict[str, Any] | None:
-    """``codec.fit`` over a single tensor (codecs whose statistics are per tensor, tests, ``auto``)."""
-    if not codec.accepts(name, tuple(delta.shape), config):
-        return None
-    return codec.fit(ListSource({name: delta}), config, calibration=calibration)
 
 
 def _as_adapter(src: Any) -> Any:
@@ -287,12 +281,12 @@ class _Job:
             meta=dict(enc.meta), file=file, payload=keys, sha256=sha, rel_error=0.0))
 
     def finish(self, tmp: Path, name: str, provenance: dict[str, Any]) -> Manifest:
-        import deltahub
+        from deltahub._version import __version__
 
         files = list(self.files) + ([CONFIG_NAME] if self.config_json else [])
         entries = [FileEntry(path=f, size=s, sha256=h) for f in files for s, h in [sha256_file(tmp / f)]]
         return Manifest(
-            format_version=FORMAT_VERSION, deltahub_version=deltahub.__version__, name=name,
+            format_version=FORMAT_VERSION, deltahub_version=__version__, name=name,
             kind=self.adapter.kind if self.adapter else "delta", base=self.base_info, tensors=self.entries,
             files=entries, fit_stats=self.fit_stats, provenance=provenance, stats=self._stats(),
             extra_files={"config": CONFIG_NAME} if self.config_json else {}, adapter=self.adapter)

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from deltahub.codecs import Codec, CodecConfig, Encoded, get_codec
-from deltahub.compressing import fit_one
 from deltahub.kernels import LAYOUTS, Dense, LowRank, Resident, apply_, delta_matmul, to_dense
 from deltahub.kernels import reference as ref
 from deltahub.kernels.pack import codes_layout, pack_rows, sparse_rows, ternary_mask
@@ -172,7 +171,7 @@ class CodecContract:
         return codec, codec.parse_config(codec_params)
 
     def encode(self, codec: Codec, config: CodecConfig, delta: torch.Tensor, name: str = "t") -> Encoded:
-        return codec.encode(delta, config, fit_one(codec, config, name, delta), name=name)
+        return codec.encode(delta, config, codec.fit_one(name, delta, config), name=name)
 
     @staticmethod
     def delta(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

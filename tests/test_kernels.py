@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from deltahub.codecs import get_codec
-from deltahub.compressing import fit_one
 from deltahub.errors import IntegrityError, KernelError, LayoutError
 from deltahub.kernels import (
     Codes,
@@ -43,7 +42,7 @@ def _resident(codec: str, shape: tuple[int, ...], **params: object):
     c = get_codec(codec)
     config = c.parse_config(params)
     d = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.01
-    return c.to_resident(c.encode(d, config, fit_one(c, config, "t", d), name="t"), shape)
+    return c.to_resident(c.encode(d, config, c.fit_one("t", d, config), name="t"), shape)
 
 
 @pytest.mark.parametrize("codec,params,kind,limit", [
@@ -77,7 +76,7 @@ def test_codec_layouts_decode_like_the_codec() -> None:
         c = get_codec(codec)
         config = c.parse_config(params)
         d = torch.randn(37, 29) * 0.01
-        enc = c.encode(d, config, fit_one(c, config, "t", d), name="t")
+        enc = c.encode(d, config, c.fit_one("t", d, config), name="t")
         assert torch.equal(to_dense(c.to_resident(enc, (37, 29))).double(), c.decode(enc, (37, 29)).double()), codec
 
 

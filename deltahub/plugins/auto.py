@@ -66,9 +66,7 @@ def _candidates(name: str, shape: tuple[int, ...]) -> list[tuple[Codec, CodecCon
 
 def _try(codec: Codec, config: CodecConfig, delta: torch.Tensor, name: str) -> tuple[Encoded, int, float]:
     """Encode with one candidate: (payload, stored bits, squared error)."""
-    from deltahub.compressing import fit_one  # the same single-tensor fit the contract tests use
-
-    enc = codec.encode(delta if codec.lossless else delta.float(), config, fit_one(codec, config, name, delta), name=name)
+    enc = codec.encode(delta if codec.lossless else delta.float(), config, codec.fit_one(name, delta, config), name=name)
     dec = codec.decode(enc, tuple(delta.shape))
     return enc, 8 * enc.nbytes(), float((dec.double() - delta.double()).pow(2).sum())
 

@@ -11,4 +11,4 @@ from deltahub.registry.api import Registry
 from deltahub.registry.refs import GcReport, RefInfo
 from deltahub.registry.remote import REMOTES, ObjectStoreRemote, Remote, open_remote, split_ref
 
-__all__ = ["Registry", "RefInfo", "GcReport", "Remote", "ObjectStoreRemote", "open_remote", "split_ref", "REMOTES"]
+__all__ = ["REMOTES", "GcReport", "ObjectStoreRemote", "RefInfo", "Registry", "Remote", "open_remote", "split_ref"]

@@ -13,7 +13,6 @@ from typing import Any
 
 from deltahub.errors import RegistryError
 from deltahub.manifest import MANIFEST_NAME
-
 from deltahub.registry.backends import remove_tree
 from deltahub.registry.local import LocalRegistry, new_import_dir
 from deltahub.registry.refs import DEFAULT_TAG, GcReport, RefInfo, check_name, is_valid_name

@@ -25,10 +25,10 @@ from typing import IO, Any, NamedTuple, TypeVar
 from deltahub import constants
 from deltahub.constants import locks_enabled
 from deltahub.errors import AuthError, DeltaHubError, IntegrityError, LockTimeoutError, RegistryError, RemoteError
+from deltahub.hashing import CHUNK
 
 ATTEMPTS = 4
 BACKOFF = 0.2  # seconds before the 2nd try; doubles each time (tests lower it)
-CHUNK = 8 << 20
 T = TypeVar("T")
 _TRANSIENT_ERRNO = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
                     errno.EAGAIN, errno.EPIPE}

@@ -34,10 +34,16 @@ from typing import Any, TypeVar
 
 from deltahub.constants import CARD_NAME
 from deltahub.errors import (
-    ArtifactNotFoundError, AuthError, DeltaHubError, IntegrityError, RegistryError, RemoteError, UnsafePathError,
+    ArtifactNotFoundError,
+    AuthError,
+    DeltaHubError,
+    IntegrityError,
+    RegistryError,
+    RemoteError,
+    UnsafePathError,
 )
+from deltahub.hashing import sha256_file
 from deltahub.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relpath, parse_manifest
-
 from deltahub.registry.backends import ATTEMPTS, backoff
 
 SCHEME = "hf://"
@@ -93,17 +99,11 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
-    from deltahub.artifact import sha256_file
-
-    return sha256_file(path)
-
-
 def _api() -> Any:
     """A client made now (never at import): endpoint and token are read from huggingface_hub's settings."""
     from huggingface_hub import HfApi
 
-    from deltahub import __version__
+    from deltahub._version import __version__
 
     return HfApi(library_name="deltahub", library_version=__version__)
 
@@ -237,7 +237,7 @@ class HubRemote:
                     raise
                 backoff(attempt)
                 continue
-            except Exception as exc:  # noqa: BLE001 - huggingface_hub and httpx raise many types
+            except Exception as exc:
                 if not _is_transient(exc):
                     raise self._translate(exc, what, revision, filename, write) from exc
                 if attempt == ATTEMPTS - 1:
@@ -279,7 +279,7 @@ class HubRemote:
     def _download(self, api: Any, sha: str, filename: str, dest: Path, attempt_box: list[int]) -> Path:
         from huggingface_hub import hf_hub_download
 
-        from deltahub import __version__
+        from deltahub._version import __version__
 
         force = attempt_box[0] > 0
         attempt_box[0] += 1
@@ -365,7 +365,7 @@ class HubRemote:
                                      f"{MANIFEST_NAME} lists ({f.size} bytes, sha256 {f.sha256[:12]}); push it again.")
         for f in manifest.files:
             def check(path: Path, f: Any = f) -> None:
-                size, digest = _sha256_file(path)
+                size, digest = sha256_file(path)
                 if size != f.size:
                     raise IntegrityError(f"{where}: {f.path} has {size} bytes, the manifest says {f.size}: it is truncated "
                                          "or corrupted. Pull again.")
@@ -483,7 +483,7 @@ class HubRemote:
         api = _api()
         private = self.private if private is None else private
         self._call("create", lambda: api.create_repo(self.repo_id, exist_ok=True, private=private), write=True)
-        from deltahub import __version__
+        from deltahub._version import __version__
 
         raw = (art.folder / MANIFEST_NAME).read_bytes()
         if parse_manifest(raw).id != art.id:

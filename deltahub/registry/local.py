@@ -19,8 +19,7 @@ from typing import Any
 
 from deltahub.errors import DeltaHubError, IntegrityError, ManifestError
 from deltahub.manifest import MANIFEST_NAME, check_relpath
-
-from deltahub.registry import bases
+from deltahub.registry import bases, maintenance
 from deltahub.registry.backends import LocalBackend, fsync_dir, remove_tree, tmp_file
 from deltahub.registry.refs import GcReport, RefInfo, check_name, is_hex_id, summary
 from deltahub.registry.store import Store, bar_callback, blob_rel, progress
@@ -192,7 +191,7 @@ class LocalRegistry:
         """Store problems, plus materialized folders that no longer verify."""
         from deltahub.artifact import Artifact
 
-        problems = self.store.verify(ref, self.ids())
+        problems = maintenance.verify(self.store, ref, self.ids())
         ids = {self.store.lookup(ref, self.ids())[0]} if ref else self.ids()
         for id_ in sorted(ids):
             folder = self.root / "artifacts" / id_
@@ -207,7 +206,7 @@ class LocalRegistry:
 
     def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False) -> GcReport:
         """Store gc, then the materialized folders of artifacts whose manifest blob is gone."""
-        report = self.store.gc(grace_seconds=grace_seconds, dry_run=dry_run)
+        report = maintenance.gc(self.store, grace_seconds=grace_seconds, dry_run=dry_run)
         gone = {rel.rsplit("/", 1)[-1] for rel in report.deleted_blobs}
         for id_ in sorted(self.ids()):
             if id_ in gone or (not dry_run and self.backend.info(blob_rel(id_)) is None):

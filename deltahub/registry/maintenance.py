@@ -15,7 +15,6 @@ from typing import Any
 
 from deltahub.errors import ArtifactNotFoundError, DeltaHubError
 from deltahub.manifest import MAX_MANIFEST_BYTES
-
 from deltahub.registry.refs import GcReport, RefEntry, is_hex_id, newest, parse_intent_path
 from deltahub.registry.store import Store, blob_rel
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from deltahub.errors import RegistryError
 from deltahub.manifest import MANIFEST_NAME, check_relpath
-
+from deltahub.registry import maintenance
 from deltahub.registry.backends import open_backend
 from deltahub.registry.refs import RefInfo, ref_info
 from deltahub.registry.store import Store, bar_callback, progress
@@ -157,8 +157,8 @@ class ObjectStoreRemote:
 
     def verify(self, ref: str | None = None) -> list[str]:
         self.store.backend.check()
-        return self.store.verify(ref)
+        return maintenance.verify(self.store, ref)
 
     def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False) -> Any:
         self.store.backend.check()
-        return self.store.gc(grace_seconds=grace_seconds, dry_run=dry_run)
+        return maintenance.gc(self.store, grace_seconds=grace_seconds, dry_run=dry_run)

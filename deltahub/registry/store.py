@@ -22,13 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from deltahub.errors import ArtifactNotFoundError, DeltaHubError, IntegrityError, RegistryError
+from deltahub.hashing import copy_hashing, sha256_file, sha256_stream
 from deltahub.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
-
 from deltahub.registry import backends
-from deltahub.registry.backends import CHUNK, Backend, LocalBackend, backoff, tmp_file
+from deltahub.registry.backends import Backend, LocalBackend, backoff, tmp_file
 from deltahub.registry.refs import (
-    GcReport, RefEntry, RefInfo, check_name, entry_bytes, intent_path, looks_like_id, newest, parse_ref_path,
-    ref_info, split_name_tag, summary,
+    RefEntry,
+    RefInfo,
+    check_name,
+    entry_bytes,
+    intent_path,
+    looks_like_id,
+    newest,
+    parse_ref_path,
+    ref_info,
+    split_name_tag,
+    summary,
 )
 
 MAX_ENTRY_BYTES = 64 << 10
@@ -95,12 +104,8 @@ class Store:
     def hash_blob(self, hex_: str) -> tuple[int, str]:
         """(size, sha256) of a stored blob, streamed; a remote mismatch is re-read before it is believed."""
         def once() -> tuple[int, str]:
-            h, n = hashlib.sha256(), 0
             with self.backend.open(blob_rel(hex_)) as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-                    n += len(chunk)
-            return n, h.hexdigest()
+                return sha256_stream(f)
 
         tries = 1 if self.backend.is_local else backends.ATTEMPTS
         for attempt in range(tries):
@@ -122,7 +127,7 @@ class Store:
             return False
         if isinstance(b, LocalBackend):
             with b.lock(f"blob-{hex_[:16]}"), tmp_file(b) as tmp:
-                got = _copy_hashing(src, tmp, callback)
+                got = copy_hashing(src, tmp, callback)
                 if got != (size, hex_):
                     raise IntegrityError(f"{src} changed while it was being stored (sha256 mismatch); "
                                          "verify the artifact and push again.")
@@ -153,7 +158,7 @@ class Store:
                 break
             self.backend.download(rel, dst, callback)
             got = dst.stat().st_size
-            if got == size and _sha_file(dst) == hex_:
+            if got == size and sha256_file(dst)[1] == hex_:
                 return
             last = f"received {got} of {size} bytes" if got != size else "sha256 mismatch"
             if attempt < tries - 1:
@@ -327,37 +332,3 @@ class Store:
             self.backend.delete(rel)
         except (DeltaHubError, OSError):
             pass  # an old intent is only a hint; gc removes it after the grace period
-
-    # ---------------------------------------------------------------------------------------- upkeep
-    def verify(self, ref: str | None = None, extra_ids: Iterable[str] = ()) -> list[str]:
-        """Problems found (empty = OK); see :func:`deltahub.registry.maintenance.verify`."""
-        from deltahub.registry.maintenance import verify
-
-        return verify(self, ref, extra_ids)
-
-    def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False, extra_roots: Iterable[str] = ()) -> GcReport:
-        """Delete what no ref needs; see :func:`deltahub.registry.maintenance.gc`."""
-        from deltahub.registry.maintenance import gc
-
-        return gc(self, grace_seconds=grace_seconds, dry_run=dry_run, extra_roots=extra_roots)
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _copy_hashing(src: Path, dst: Path, callback: Any = None) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` and return (size, sha256) of the bytes actually written."""
-    h, n = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "wb") as out:
-        while chunk := fin.read(CHUNK):
-            h.update(chunk)
-            out.write(chunk)
-            n += len(chunk)
-            if callback is not None:
-                callback.relative_update(len(chunk))
-    return n, h.hexdigest()
