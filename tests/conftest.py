@@ -74,3 +74,44 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+# ---- S3 (tests/s3server.py): one moto server and one fault proxy per test module, a fresh bucket per test
+@pytest.fixture(scope="module")
+def guard():  # noqa: ANN201
+    from s3server import loopback_only as guard_sockets
+
+    with guard_sockets() as g:
+        yield g
+    assert not g.attempts, f"non-loopback network access attempted: {g.attempts}"
+
+
+@pytest.fixture(scope="module")
+def server(guard):  # noqa: ANN201
+    """moto's S3 server on 127.0.0.1; aws_env: fake keys, no IMDS, no ~/.aws config or AWS_* overrides."""
+    from s3server import aws_env, run_s3_server
+
+    with run_s3_server() as s, aws_env(s.endpoint_url):
+        yield s
+
+
+@pytest.fixture(scope="module")
+def proxy(server):  # noqa: ANN201
+    """The fault-injecting proxy in front of ``server`` (``proxy.add_fault(...)``)."""
+    from s3server import run_fault_proxy
+
+    with run_fault_proxy(server.endpoint_url, seed=0) as p:
+        yield p
+
+
+@pytest.fixture
+def bucket(server, proxy):  # noqa: ANN201
+    """A new empty bucket; the proxy's faults and log are cleared before and after."""
+    import uuid
+
+    proxy.clear_faults()
+    proxy.clear_log()
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    server.make_bucket(name)
+    yield name
+    proxy.clear_faults()

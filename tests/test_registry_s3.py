@@ -14,17 +14,15 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from deltahub.errors import DeltaHubError, IntegrityError, RegistryError  # noqa: E402
-from deltahub.registry import Registry  # noqa: E402
-from deltahub.registry import backends  # noqa: E402
-from deltahub.registry.local import default_root  # noqa: E402
+from _registry_fixtures import cli, local_blobs_ok, make_artifact
+from s3server import aws_env
 
-from _registry_fixtures import cli, local_blobs_ok, make_artifact  # noqa: E402
-
-try:
-    from s3server import aws_env, loopback_only, run_fault_proxy, run_s3_server
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from s3server import aws_env, loopback_only, run_fault_proxy, run_s3_server
+from deltahub.errors import DeltaHubError, IntegrityError, RegistryError
+from deltahub.registry import (
+    Registry,
+    backends,
+)
+from deltahub.registry.local import default_root
 
 
 @pytest.fixture(autouse=True)
@@ -36,33 +34,7 @@ def env(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "ATTEMPTS", 3)
 
 
-@pytest.fixture(scope="module")
-def guard():
-    with loopback_only() as g:
-        yield g
-    assert not g.attempts, f"non-loopback network access attempted: {g.attempts}"
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    with run_s3_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with run_fault_proxy(server.endpoint_url, seed=0) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(server, proxy):
-    proxy.clear_faults()
-    proxy.clear_log()
-    name = f"reg-{uuid.uuid4().hex[:12]}"
-    server.make_bucket(name)
-    yield name
-    proxy.clear_faults()
+# guard, server, proxy and bucket: the shared S3 fixtures of tests/conftest.py
 
 
 @pytest.fixture(scope="module")

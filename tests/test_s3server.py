@@ -9,57 +9,19 @@ from __future__ import annotations
 import errno
 import socket
 import time
-import uuid
 
 import pytest
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
-import aiohttp  # noqa: E402  (s3fs dependency)
-import botocore.exceptions  # noqa: E402
-
-try:
-    from s3server import (  # tests/ on sys.path (rootdir-relative import, no tests/__init__.py)
-        NonLoopbackError,
-        aws_env,
-        loopback_only,
-        run_fault_proxy,
-        run_s3_server,
-    )
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from s3server import NonLoopbackError, aws_env, loopback_only, run_fault_proxy, run_s3_server
+import aiohttp
+import botocore.exceptions
+from s3server import NonLoopbackError, aws_env
 
 DATA = bytes(range(256)) * 40  # 10 KiB
 
 
-@pytest.fixture(scope="module")
-def guard():
-    with loopback_only() as g:
-        yield g
-    assert not g.attempts, f"non-loopback network access attempted: {g.attempts}"
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    # aws_env: fake keys, no IMDS, and no ~/.aws/config or AWS_* overrides changing the defaults pinned here
-    with run_s3_server() as s, aws_env(s.endpoint_url):
-        yield s
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with run_fault_proxy(server.endpoint_url, seed=0) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(server, proxy):
-    proxy.clear_faults()
-    proxy.clear_log()
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    server.make_bucket(name)
-    yield name
-    proxy.clear_faults()
+# guard, server, proxy and bucket: the shared S3 fixtures of tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +118,8 @@ def test_create_only_open_xb(fs, bucket):
     path = f"{bucket}/blobs/c2"
     with fs.open(path, "xb") as f:
         f.write(b"first")
-    with pytest.raises(FileExistsError):
-        with fs.open(path, "xb") as f:
-            f.write(b"second")
+    with pytest.raises(FileExistsError), fs.open(path, "xb") as f:
+        f.write(b"second")
     assert fs.cat(path) == b"first"
 
 
