@@ -15,14 +15,15 @@ from deltahub.registry import Registry
 
 from _registry_fixtures import local_blobs_ok, make_artifact, worker
 
-WORKERS = 4
+# processes racing each other; DELTAHUB_TEST_WORKERS="2,8,16" runs the battery's full range (RELIABILITY.md)
+WORKER_COUNTS = [int(n) for n in os.environ.get("DELTAHUB_TEST_WORKERS", "2,4").split(",")]
 ROUNDS = int(os.environ.get("DELTAHUB_TEST_ROUNDS", "6"))
 
 
 @pytest.fixture(scope="module")
 def pool():
     """One pool of spawned processes for every run (each spawn imports torch: pay for it once)."""
-    with mp.get_context("spawn").Pool(WORKERS) as p:
+    with mp.get_context("spawn").Pool(max(WORKER_COUNTS)) as p:
         yield p
 
 
@@ -35,14 +36,15 @@ def folders(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("locks", [True, False], ids=["locks", "no-locks"])
 @pytest.mark.parametrize("target", ["local", "file"])
-def test_concurrent_push_pull_gc(pool, folders, tmp_path, monkeypatch, target, locks):
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_concurrent_push_pull_gc(pool, folders, tmp_path, monkeypatch, target, locks, workers):
     home = tmp_path / "home"
     env = {"DELTAHUB_HOME": str(home), "DELTAHUB_NO_LOCKS": "" if locks else "1",
            "DELTAHUB_NO_PROGRESS": "1", "DELTAHUB_LOAD_PLUGINS": ""}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     url = None if target == "local" else (tmp_path / "shared").as_uri()
-    results = pool.map(worker, [(url, folders, i, ROUNDS, env) for i in range(WORKERS)])
+    results = pool.map(worker, [(url, folders, i, ROUNDS, env) for i in range(workers)], chunksize=1)
     assert [p for ps in results for p in ps] == []
 
     from deltahub.artifact import Artifact
