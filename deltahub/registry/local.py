@@ -205,20 +205,31 @@ class LocalRegistry:
         return problems
 
     def gc(self, *, grace_seconds: float = 86400, dry_run: bool = False) -> GcReport:
-        """Store gc, then the materialized folders of artifacts whose manifest blob is gone."""
-        report = maintenance.gc(self.store, grace_seconds=grace_seconds, dry_run=dry_run)
+        """Store gc; the materialized folder of an artifact goes just before its manifest blob does."""
+        removed: list[str] = []
+
+        def drop_folder(hex_: str) -> None:
+            if (self.root / "artifacts" / hex_).is_dir():
+                self._drop_materialized(hex_)
+                removed.append(hex_)
+
+        report = maintenance.gc(self.store, grace_seconds=grace_seconds, dry_run=dry_run, before_delete=drop_folder)
         gone = {rel.rsplit("/", 1)[-1] for rel in report.deleted_blobs}
-        for id_ in sorted(self.ids()):
+        for id_ in sorted(self.ids()):  # folders left by an older gc that was killed, or built from a lost blob
             if id_ in gone or (not dry_run and self.backend.info(blob_rel(id_)) is None):
-                report.deleted_other.append(f"artifacts/{id_}")
                 if not dry_run:
-                    stale = self.backend.new_tmp("-gc")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.rename(self.root / "artifacts" / id_, stale)  # readers see it whole or not at all
-                        remove_tree(stale)
+                    self._drop_materialized(id_)
+                removed.append(id_)
+        report.deleted_other.extend(f"artifacts/{id_}" for id_ in sorted(set(removed)))
         if not dry_run:
             self._prune_tmp_dirs(grace_seconds)
         return report
+
+    def _drop_materialized(self, id_: str) -> None:
+        stale = self.backend.new_tmp("-gc")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.root / "artifacts" / id_, stale)  # readers see it whole or not at all
+            remove_tree(stale)
 
     def _prune_tmp_dirs(self, grace_seconds: float) -> None:
         """Empty or abandoned folders under tmp/ (a crashed materialize or import)."""

@@ -10,7 +10,7 @@ also re-checks its blobs after writing its ref: see ``Store._post_check``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from deltahub.errors import ArtifactNotFoundError, DeltaHubError
@@ -64,8 +64,11 @@ def verify(store: Store, ref: str | None = None, extra_ids: Iterable[str] = ()) 
 
 
 def gc(store: Store, *, grace_seconds: float = 86400, dry_run: bool = False,
-       extra_roots: Iterable[str] = ()) -> GcReport:
+       extra_roots: Iterable[str] = (), before_delete: Callable[[str], None] | None = None) -> GcReport:
     """Delete blobs no ref or young intent needs and that are older than ``grace_seconds``.
+
+    ``before_delete(hex)`` runs before each blob is deleted (the local registry drops the folder built
+    from a manifest blob first, so a crash between the two never leaves a folder without its manifest).
 
     Also drops superseded ref entries, old intents and temp debris past the grace period. If any kept
     ref's manifest cannot be read, no blob is deleted (a ref might still need it).
@@ -88,6 +91,8 @@ def gc(store: Store, *, grace_seconds: float = 86400, dry_run: bool = False,
                 report.deleted_blobs.append(rel)
                 report.freed_bytes += info.size
                 if not dry_run:
+                    if before_delete is not None:
+                        before_delete(rel.rsplit("/", 1)[-1])
                     store.backend.delete(rel)
         report.deleted_refs = [e.path for e in stale]
         debris = [r for r, i in store.backend.walk("tmp").items()  # top level only: folders are in use by their owner
