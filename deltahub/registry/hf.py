@@ -42,7 +42,16 @@ from deltahub.errors import (
 from deltahub.hashing import sha256_file
 from deltahub.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relpath, parse_manifest
 from deltahub.registry.backends import ATTEMPTS, backoff
-from deltahub.registry.hf_client import _COMMIT, SCHEME, HubCalls, HubURL, _api, _git_blob_sha1, _status, parse_hub_url
+from deltahub.registry.hf_client import (
+    COMMIT_RE,
+    SCHEME,
+    HubCalls,
+    HubURL,
+    git_blob_sha1,
+    http_status,
+    hub_api,
+    parse_hub_url,
+)
 
 __all__ = ["SCHEME", "HubRemote", "HubURL", "parse_hub_url"]
 
@@ -77,7 +86,7 @@ class HubRemote(HubCalls):
         """(commit sha, repo info) of the revision, so every later request reads one commit."""
         info = self._call("read", lambda: api.repo_info(self.repo_id, revision=self.revision))
         sha = getattr(info, "sha", None)
-        if not isinstance(sha, str) or not _COMMIT.match(sha):
+        if not isinstance(sha, str) or not COMMIT_RE.match(sha):
             raise RemoteError(f"The Hub gave no commit for {self.url}; retry later.")
         return sha, info
 
@@ -154,7 +163,7 @@ class HubRemote(HubCalls):
             raise
 
     def _fetch(self, dest: Path) -> tuple[Manifest, Path, str]:
-        api = _api()
+        api = hub_api()
         sha, _info = self._resolve(api)
         files = self._tree(api, sha)
         where = self._where()
@@ -169,7 +178,7 @@ class HubRemote(HubCalls):
             data = path.read_bytes()
             lfs = getattr(mentry, "lfs", None)
             ok = (len(data) == mentry.size and
-                  (hashlib.sha256(data).hexdigest() == lfs.sha256 if lfs else _git_blob_sha1(data) == mentry.blob_id))
+                  (hashlib.sha256(data).hexdigest() == lfs.sha256 if lfs else git_blob_sha1(data) == mentry.blob_id))
             if not ok:
                 raise IntegrityError(f"{where}: the downloaded {MANIFEST_NAME} does not match the Hub's hash of it; "
                                      "it was corrupted in transit. Pull again.")
@@ -251,7 +260,7 @@ class HubRemote(HubCalls):
         rev = self.revision
         if rev is None or rev == "main":
             return DEFAULT_TAG
-        if _COMMIT.match(rev):
+        if COMMIT_RE.match(rev):
             return rev[:12]
         return rev if is_valid_name(rev) else sha[:12]
 
@@ -299,12 +308,12 @@ class HubRemote(HubCalls):
         from deltahub.registry.refs import DEFAULT_TAG, RefInfo, summary
 
         art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)  # loaded = verified
-        if self.revision and _COMMIT.match(self.revision):
+        if self.revision and COMMIT_RE.match(self.revision):
             raise RegistryError(f"Cannot push to a commit ({self.url}); push to a branch: {SCHEME}{self.repo_id}[@BRANCH].")
         branch = self.revision or "main"
         name = name or art.name
         tag = tag or DEFAULT_TAG
-        api = _api()
+        api = hub_api()
         private = self.private if private is None else private
         self._call("create", lambda: api.create_repo(self.repo_id, exist_ok=True, private=private), write=True)
         from deltahub._version import __version__
@@ -328,7 +337,7 @@ class HubRemote(HubCalls):
                 info = self._call("push to", attempt, revision=branch, write=True)
                 break
             except RemoteError as exc:
-                if _status(exc.__cause__) != 412 or round_ == ATTEMPTS - 1:
+                if http_status(exc.__cause__) != 412 or round_ == ATTEMPTS - 1:
                     raise
                 backoff(round_)
         commit = getattr(info, "oid", None) or self._call("read", lambda: api.repo_info(self.repo_id, revision=branch)).sha
@@ -377,7 +386,7 @@ class HubRemote(HubCalls):
         """
         from deltahub.registry.refs import RefInfo, summary
 
-        api = _api()
+        api = hub_api()
         sha, info = self._resolve(api)
         files = self._tree(api, sha)
         with tempfile.TemporaryDirectory(prefix="deltahub-hf-ls-") as tmp:

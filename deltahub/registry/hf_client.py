@@ -20,7 +20,7 @@ from deltahub.registry.backends import ATTEMPTS, backoff
 SCHEME = "hf://"
 T = TypeVar("T")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_NAMES = {"TransportError", "NetworkError", "TimeoutException", "ConnectError", "ReadError", "WriteError",
                     "RemoteProtocolError", "ReadTimeout", "ConnectTimeout", "WriteTimeout", "PoolTimeout",
@@ -68,11 +68,11 @@ def parse_hub_url(url: str) -> HubURL:
     return HubURL(repo_id, revision or None)
 
 
-def _git_blob_sha1(data: bytes) -> str:
+def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _api() -> Any:
+def hub_api() -> Any:
     """A client made now (never at import): endpoint and token are read from huggingface_hub's settings."""
     from huggingface_hub import HfApi
 
@@ -90,7 +90,7 @@ def _has_token() -> bool:
         return False
 
 
-def _status(exc: BaseException) -> int | None:
+def http_status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None) if response is not None else None
 
@@ -112,7 +112,7 @@ def _is_transient(exc: BaseException) -> bool:
             return False
         if isinstance(e, IntegrityError):
             return True  # a byte flipped in transit: download again
-        status = _status(e)
+        status = http_status(e)
         if status is not None:
             return status in _TRANSIENT_STATUS or status >= 500
         if isinstance(e, (ConnectionError, TimeoutError)):
@@ -160,7 +160,7 @@ class HubCalls:
                 isinstance(exc, E.LocalEntryNotFoundError) and not _is_transient(exc)):
             return RemoteError(f"Cannot reach the Hub for {where}: HF_HUB_OFFLINE is set or the endpoint is unreachable; "
                                "unset HF_HUB_OFFLINE and check HF_ENDPOINT.")
-        status = _status(exc)
+        status = http_status(exc)
         if isinstance(exc, E.LocalTokenNotFoundError) or (status == 401 and not token):
             if write:
                 return AuthError(f"Pushing to {where} needs a Hub token with write access: set HF_TOKEN or run "
@@ -195,7 +195,7 @@ class HubCalls:
                 if not _is_transient(exc):
                     raise self._translate(exc, what, revision, filename, write) from exc
                 if attempt == ATTEMPTS - 1:
-                    status = _status(exc)
+                    status = http_status(exc)
                     why = f"HTTP {status}" if status else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                     raise RemoteError(f"{what.capitalize()} {self._where(revision)} failed after {ATTEMPTS} tries ({why}); "
                                       "the Hub or the network is having trouble, retry later.") from exc
