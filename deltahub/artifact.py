@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 # hash artifacts without it (`import torch` is ~1.6 s of a 2 s push on a 2-core machine)
 
 
-
 @dataclass(frozen=True)
 class Term:
     """One change an expert makes to its base: a weight delta (``add``) or a whole tensor (``replace``).

@@ -49,11 +49,10 @@ def check_relpath(name: str, *, portable: bool = True) -> str:
         UnsafePathError: absolute, drive or UNC paths, ``..`` parts, or a part that is not portable.
     """
     shown = name[:80] + ("..." if len(name) > 80 else "") if isinstance(name, str) else name
+    parts = name.split("/") if isinstance(name, str) else []
     if (not isinstance(name, str) or not name or "\\" in name or any(ord(c) < 32 for c in name) or name.startswith("/")
-            or re.match(r"^[A-Za-z]:", name) is not None
-            or any(part in ("..", ".", "") for part in name.split("/"))):
+            or re.match(r"^[A-Za-z]:", name) is not None or any(part in ("..", ".", "") for part in parts)):
         raise UnsafePathError(f"Refusing file name {shown!r}: it would escape the artifact folder. Use plain relative names.")
-    parts = name.split("/")
     if portable and (len(name) > MAX_PATH or any(len(p) > MAX_PART or not _PORTABLE.match(p) or windows_unsafe(p)
                                                 for p in parts)):
         raise UnsafePathError(f"Refusing file name {shown!r}: artifact files use portable names (letters, digits, '.', "

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 CLI = [sys.executable, "-c", "from deltahub.cli import main; main()"]
 
@@ -64,19 +65,9 @@ def make_state(tmp: Path) -> dict[str, Any]:
     return {"arts": [str(a.folder) for a in arts], "remote": remote, "gc_home": gc_home, "gc_remote": gc_remote}
 
 
-class _home:
-    def __init__(self, path: Path):
-        self.path, self.old = path, None
-
-    def __enter__(self) -> None:
-        self.old = os.environ.get("DELTAHUB_HOME")
-        os.environ["DELTAHUB_HOME"] = str(self.path)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.old is None:
-            os.environ.pop("DELTAHUB_HOME", None)
-        else:
-            os.environ["DELTAHUB_HOME"] = self.old
+def _home(path: Path) -> Any:
+    """DELTAHUB_HOME set to ``path`` for a ``with`` block (restored after)."""
+    return mock.patch.dict(os.environ, {"DELTAHUB_HOME": str(path)})
 
 
 def operations(state: dict[str, Any]) -> dict[str, tuple]:

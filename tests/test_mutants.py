@@ -46,6 +46,16 @@ def mutants(data: bytes):
         yield f"bit {i} flipped", bytes(flipped)
 
 
+def draw_mutant(data, good: bytes) -> bytes:
+    """One strict prefix or one single-bit flip of ``good``, drawn by hypothesis."""
+    if data.draw(st.booleans(), label="truncate"):
+        return good[: data.draw(st.integers(0, len(good) - 1), label="keep")]
+    bit = data.draw(st.integers(0, len(good) * 8 - 1), label="bit")
+    flipped = bytearray(good)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
+
+
 def test_every_payload_mutant_fails_the_hash_check(artifact, tmp_path):
     folder = tmp_path / "a"
     shutil.copytree(artifact.folder, folder)
@@ -77,13 +87,8 @@ def test_payload_mutants_past_the_hash_end_in_typed_errors(artifact, tmp_path_fa
     folder = tmp_path_factory.mktemp("bypass")
     shutil.copytree(artifact.folder, folder, dirs_exist_ok=True)
     good = (folder / PAYLOAD).read_bytes()
-    if data.draw(st.booleans(), label="truncate"):
-        mutant = good[: data.draw(st.integers(0, len(good) - 1), label="keep")]
-    else:
-        bit = data.draw(st.integers(0, len(good) * 8 - 1), label="bit")
-        mutant = bytearray(good)
-        mutant[bit // 8] ^= 1 << (bit % 8)
-    (folder / PAYLOAD).write_bytes(bytes(mutant))
+    mutant = draw_mutant(data, good)
+    (folder / PAYLOAD).write_bytes(mutant)
     try:
         _decode_all(folder)
     except DeltaHubError:
@@ -96,13 +101,8 @@ def test_manifest_mutants_end_in_typed_errors(artifact, tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("manifest")
     shutil.copytree(artifact.folder, folder, dirs_exist_ok=True)
     good = (folder / "deltahub.json").read_bytes()
-    if data.draw(st.booleans(), label="truncate"):
-        mutant = good[: data.draw(st.integers(0, len(good) - 1), label="keep")]
-    else:
-        bit = data.draw(st.integers(0, len(good) * 8 - 1), label="bit")
-        mutant = bytearray(good)
-        mutant[bit // 8] ^= 1 << (bit % 8)
-    (folder / "deltahub.json").write_bytes(bytes(mutant))
+    mutant = draw_mutant(data, good)
+    (folder / "deltahub.json").write_bytes(mutant)
     try:
         _decode_all(folder)
     except DeltaHubError:
@@ -127,14 +127,9 @@ def test_a_damaged_remote_blob_is_refused_and_nothing_is_stored(remote, tmp_path
     shutil.copytree(root, copy)
     victim = copy / blobs[data.draw(st.integers(0, len(blobs) - 1), label="blob")].relative_to(root)
     good = victim.read_bytes()
-    if data.draw(st.booleans(), label="truncate"):
-        mutant = good[: data.draw(st.integers(0, len(good) - 1), label="keep")]
-    else:
-        bit = data.draw(st.integers(0, len(good) * 8 - 1), label="bit")
-        mutant = bytearray(good)
-        mutant[bit // 8] ^= 1 << (bit % 8)
+    mutant = draw_mutant(data, good)
     victim.chmod(0o644)
-    victim.write_bytes(bytes(mutant))
+    victim.write_bytes(mutant)
     monkeypatch.setenv("DELTAHUB_HOME", str(work / "home"))
     with pytest.raises(IntegrityError):
         Registry().pull(f"file://{copy}/expert")
@@ -153,14 +148,9 @@ def test_a_damaged_ref_entry_never_yields_another_artifact(remote, artifact, tmp
     shutil.copytree(root, copy)
     (victim,) = [p for p in (copy / "refs").rglob("*") if p.is_file()]
     good = victim.read_bytes()
-    if data.draw(st.booleans(), label="truncate"):
-        mutant = good[: data.draw(st.integers(0, len(good) - 1), label="keep")]
-    else:
-        bit = data.draw(st.integers(0, len(good) * 8 - 1), label="bit")
-        mutant = bytearray(good)
-        mutant[bit // 8] ^= 1 << (bit % 8)
+    mutant = draw_mutant(data, good)
     victim.chmod(0o644)
-    victim.write_bytes(bytes(mutant))
+    victim.write_bytes(mutant)
     monkeypatch.setenv("DELTAHUB_HOME", str(work / "home"))
     try:
         got = Registry().pull(f"file://{copy}/expert")
