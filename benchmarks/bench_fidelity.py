@@ -90,9 +90,15 @@ SETTINGS: list[tuple[str, dict, bool]] = [
     ("binary", {"bits": 2}, False),
     ("binary", {"bits": 4}, False),
     ("auto", {"max_error": 0.5}, False),
-    ("auto", {"max_error": 0.8}, False),
+    ("auto", {}, False),
+    ("auto", {"max_bits_per_param": 0.2}, False),
     ("auto", {"max_bits_per_param": 0.3}, False),
-    ("auto", {"max_bits_per_param": 1.0}, False),
+    ("auto", {"max_bits_per_param": 0.2}, True),
+    ("auto", {"max_bits_per_param": 0.3}, True),
+    ("auto", {"max_bits_per_param": 0.5}, True),
+    ("auto", {"max_kl": 0.01}, True),
+    ("auto", {"max_kl": 0.003}, True),
+    ("auto", {"min_agreement": 0.99}, True),
 ]
 
 COLORS = {"dense": "#444444", "compeft": "#1f77b4", "dare": "#ff7f0e", "darex": "#d62728",
@@ -209,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     # calibration activations (unlabeled training words) for darex q=auto / bitdelta distill=true
     calibration, calibration_s, calibration_error = None, None, None
     settings = SETTINGS
-    if any(cal for _, _, cal in settings):
+    if any(cal for _, _, cal in settings) and not args.no_calibration:
         cal_file = workdir / "calibration.jsonl"
         cal_file.write_text("".join(json.dumps(w) + "\n" for w, _ in train[:CALIBRATION_TEXTS]))
         try:
@@ -231,7 +237,9 @@ def run(args: argparse.Namespace) -> dict:
     art_root = workdir / "artifacts"
     art_root.mkdir(exist_ok=True)
     for codec, params, needs_cal in settings:
-        label = label_of(codec, params)
+        label = label_of(codec, params) + (" †" if needs_cal and codec == "auto" else "")
+        if args.only and not any(s in label for s in args.only):
+            continue
         if codec not in available:
             skipped.append({"label": label, "reason": f"codec {codec!r} not installed"})
             print(f"SKIP {label}: codec not installed", flush=True)
@@ -526,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "deltahub-bench-fidelity"),
                         help="where the fine-tuned model, calibration file and artifacts go")
     parser.add_argument("--reuse", action="store_true", help="reuse WORKDIR/finetuned if present")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the settings whose label contains TEXT (repeatable)")
+    parser.add_argument("--no-calibration", action="store_true", help="skip the calibrated rows")
     parser.add_argument("--repeats", type=int, default=3, help="decode timing runs (median reported)")
     parser.add_argument("--json", default=str(JSON_OUT), help="results file")
     parser.add_argument("--png", default=str(PNG_OUT), help="plot file")

@@ -82,6 +82,9 @@ class Calibration:
         self._gram: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
         self.transposed = set(transposed)
+        self.model: torch.nn.Module | None = None  # kept by from_model for ``sensitivity`` (``auto``)
+        self.batches: list[Mapping[str, torch.Tensor]] = []
+        self._sensitivity: Any = None
         for name, x in (acts or {}).items():
             self.add(name, x)
 
@@ -112,14 +115,32 @@ class Calibration:
                 if is_conv1d:
                     cal.transposed.add(mname)
                 hooks.append(mod.register_forward_pre_hook(lambda m, args, n=mname: cal.add(n, args[0])))
+        cal.model, cal.batches = model, list(inputs)
         try:
             model.eval()
-            for batch in inputs:
+            for batch in cal.batches:
                 model(**batch)
         finally:
             for h in hooks:
                 h.remove()
         return cal
+
+    def sensitivity(self) -> Any:
+        """The model's Fisher sensitivity and end-to-end check on these texts (:mod:`deltahub.sensitivity`),
+        built once on first use (one backward pass per text).
+
+        Raises:
+            CodecConfigError: the calibration was built from activations alone, without a model.
+        """
+        if self._sensitivity is None:
+            if self.model is None or not self.batches:
+                raise CodecConfigError("This calibration holds activations but no model: build it with "
+                                       "Calibration.from_jsonl or Calibration.from_model.")
+            from deltahub.sensitivity import Sensitivity
+
+            with torch.enable_grad():
+                self._sensitivity = Sensitivity(self.model, self.batches)
+        return self._sensitivity
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str], model_dir: str | os.PathLike[str], *,

@@ -91,6 +91,15 @@ class Codec(ABC):
     reference_url: ClassVar[str | None] = None
     lossless: ClassVar[bool] = False
     Config: ClassVar[type[CodecConfig]] = CodecConfig
+    auto_grid: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """The settings ``auto`` tries for this codec; empty (the default) leaves it out of ``auto``. A third-party
+    codec becomes an ``auto`` candidate by listing some."""
+
+    def expected_gain(self, enc: Encoded) -> float | None:
+        """g with E[Δ̂] = g·Δ over the codec's randomness, for codecs whose error is independent zero-mean noise
+        around that (DARE: g = 1; DAREx: g = (1−p)/q); None (the default) for a deterministic error. ``auto``'s
+        uncalibrated objective counts such noise as spread over a row's inputs."""
+        return None
 
     def accepts(self, name: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
         """Whether this codec should encode the tensor; the rest are stored with ``dense``.

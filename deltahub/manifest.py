@@ -179,13 +179,27 @@ class Manifest(_Strict):
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(self._dump(), indent=1, sort_keys=True) + "\n"
+        """The manifest file: sections indented, one line per tensor / file entry (a third of the indented
+        size: 0.45 instead of 1.3 KB per tensor of a ``dare`` expert); parses to the same manifest."""
+        return _layout(self._dump(), 0) + "\n"
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:
                 return f
         raise ManifestError(f"Manifest lists no file {path!r} but a tensor refers to it; the artifact is corrupt.")
+
+
+def _layout(value: Any, depth: int) -> str:
+    """JSON with the top two levels of objects indented and every list of objects one item per line."""
+    pad = " " * (depth + 1)
+    if isinstance(value, dict) and value and depth < 2:
+        items = [f"{pad}{json.dumps(k)}: {_layout(value[k], depth + 1)}" for k in sorted(value)]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    if isinstance(value, list) and any(isinstance(x, (dict, list)) for x in value):
+        items = [pad + json.dumps(x, sort_keys=True, separators=(",", ":")) for x in value]
+        return "[\n" + ",\n".join(items) + "\n" + " " * depth + "]"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def parse_manifest(raw: bytes | str) -> Manifest:

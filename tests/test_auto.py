@@ -35,7 +35,8 @@ def test_error_bound_holds_for_every_tensor_with_fewest_bits(pair: tuple[Path, P
     assert all(e.rel_error <= 0.2 + 1e-9 for e in art.manifest.tensors)
     assert chosen["w0"] == "compeft"  # 1% spikes of equal size: a sparse ternary code is exact
     assert art.manifest.tensors[0].rel_error < 1e-6
-    assert all("rel. error" in e.meta["auto.reason"] for e in art.manifest.tensors)
+    assert art.manifest.fit_stats["target"] == {"max_error": 0.2}
+    assert art.manifest.fit_stats["objective"] == "weight"
     # every fixed compeft setting that meets the bound on w1 is at least as large as auto's choice
     w1 = next(e for e in art.manifest.tensors if e.name == "w1")
     for d in (0.05, 0.1, 0.2, 0.3, 0.5):
@@ -48,8 +49,9 @@ def test_error_bound_holds_for_every_tensor_with_fewest_bits(pair: tuple[Path, P
 def test_budget_is_met_and_spent_where_it_helps(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, ft = pair
     art = deltahub.compress(ft, base=base, codec="auto", out=tmp_path / "a", max_bits_per_param=1.0)
-    assert art.manifest.stats["bits_per_param"] <= 1.0
-    assert art.manifest.fit_stats["bits"] <= art.manifest.fit_stats["budget_bits"]
+    assert art.manifest.stats["bits_per_param"] <= art.manifest.fit_stats["bits_per_param"] + 1e-6 <= 1.0 + 1e-6
+    assert art.manifest.fit_stats["objective"] == "heuristic"
+    assert set(art.manifest.fit_stats["choice"]) == {"w0", "w1", "w2"}
     loose = deltahub.compress(ft, base=base, codec="auto", out=tmp_path / "b", max_bits_per_param=4.0)
     assert loose.manifest.stats["rel_error"] < art.manifest.stats["rel_error"]
     merged = deltahub.apply(art, base, out=tmp_path / "m")
@@ -62,13 +64,72 @@ def test_inspect_shows_the_choice(pair: tuple[Path, Path], tmp_path: Path) -> No
     out = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).output
     assert "auto:compeft" in out
     meta = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--json"]).output)["tensors"][0]["meta"]
-    assert {"auto.codec", "auto.params", "auto.reason", "auto.version"} <= set(meta)
+    assert {"auto.codec", "auto.params", "auto.version"} <= set(meta)
+    assert "auto          max_error=0.3, objective weight" in out
+    assert "on disk       " in out
 
 
-@pytest.mark.parametrize("params", [[], ["-p", "max_error=0.1", "-p", "max_bits_per_param=2"]])
-def test_exactly_one_target(pair: tuple[Path, Path], tmp_path: Path, params: list[str]) -> None:
+def test_default_target_is_one_bit_per_param(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, ft = pair
-    result = CliRunner().invoke(cli, ["compress", str(ft), "--base", str(base), "--codec", "auto", *params, "-o", str(tmp_path / "x")])
+    result = CliRunner().invoke(cli, ["compress", str(ft), "--base", str(base), "--codec", "auto", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    art = deltahub.Artifact.load(tmp_path / "x")
+    assert art.manifest.fit_stats["target"] == {"max_bits_per_param": 1.0}
+    assert art.manifest.stats["bits_per_param"] <= 1.0
+
+
+def test_at_most_one_target(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    result = CliRunner().invoke(cli, ["compress", str(ft), "--base", str(base), "--codec", "auto", "-p", "max_error=0.1",
+                                      "-p", "max_bits_per_param=2", "-o", str(tmp_path / "x")])
     assert result.exit_code == 1
-    assert result.output.strip() == ("Error: Bad options for codec 'auto': give exactly one of max_error "
-                                     "or max_bits_per_param. See `deltahub codecs auto`.")
+    assert result.output.strip() == ("Error: Bad options for codec 'auto': give at most one of max_bits_per_param, "
+                                     "max_kl, min_agreement, max_error. See `deltahub codecs auto`.")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("param", ["max_kl=0.01", "min_agreement=0.99", "objective=fisher"])
+def test_fidelity_targets_need_calibration(pair: tuple[Path, Path], tmp_path: Path, param: str) -> None:
+    base, ft = pair
+    result = CliRunner().invoke(cli, ["compress", str(ft), "--base", str(base), "--codec", "auto", "-p", param,
+                                      "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    what = param.split("=")[0] if "objective" not in param else "objective=fisher"
+    assert result.output.strip() == (f"Error: auto with {what} needs calibration texts and the fine-tuned model: "
+                                     "pass --calibration FILE.")
+
+
+def test_candidates_include_dare_and_third_party_grids() -> None:
+    from deltahub import selection
+
+    labels = [lab for _, _, lab in selection.grid()]
+    assert {"dare p=0.99", "darex p=0.99 q=0.02", "compeft density=0.1", "binary bits=1", "dense"} <= set(labels)
+    assert not any(lab.startswith("auto") for lab in labels)
+
+
+def test_heuristic_discounts_unbiased_noise_by_the_row_width() -> None:
+    from deltahub import selection
+    from deltahub.codecs import get_codec
+
+    delta = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    dare, compeft = get_codec("dare"), get_codec("compeft")
+    for codec, cfg, scale in ((dare, {"p": 0.9}, 1 / 256), (compeft, {"density": 0.1}, 1.0)):
+        config = codec.parse_config(cfg)
+        enc = selection.encode_with(codec, config, delta, "w")
+        err = codec.decode(enc, tuple(delta.shape)) - delta
+        assert selection.heuristic(codec, enc, delta, err) == pytest.approx(float(err.double().pow(2).sum()) * scale,
+                                                                             rel=1e-3 if scale == 1 else 0.05)
+    darex = get_codec("darex")
+    enc = selection.encode_with(darex, darex.parse_config({"p": 0.9, "q": 0.2}), delta, "w")
+    assert darex.expected_gain(enc) == pytest.approx(0.5)  # E[Δ̂] = (1 − p)/q · Δ
+
+
+def test_hull_keeps_only_points_a_lagrangian_can_pick() -> None:
+    from deltahub.selection import Trial, allocate, hull
+
+    pts = [Trial("a", 10, 0, 100.0), Trial("b", 20, 0, 60.0), Trial("c", 30, 0, 50.0), Trial("d", 40, 0, 10.0),
+           Trial("e", 50, 0, 20.0), Trial("f", 60, 0, 0.0)]
+    kept = [t.label for t in hull(pts)]
+    assert kept == ["a", "b", "d", "f"]  # c lies above the b–d chord, e is worse than d and larger
+    table = {"x": hull(pts)}
+    assert {allocate(table, lam)["x"] for lam in (1e-9, 1.0, 2.5, 1e9)} <= set(range(len(kept)))

@@ -91,9 +91,12 @@ def _codec_names() -> list[str]:
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Codec option; repeatable.")
 @click.option("--name", help="Artifact name[:tag] (default: the output folder's name, tag latest).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSONL file of texts for codecs that calibrate (darex q=auto, bitdelta distill=true).")
+              help="JSONL file of texts for codecs that calibrate (darex q=auto, bitdelta distill=true, auto).")
+@click.option("--fallback-dtype", type=click.Choice(["float16", "bfloat16", "exact"]), default=None,
+              help="Storage of the deltas a lossy codec leaves to dense (biases, norms) [default: float16; exact "
+                   "for dense].")
 def compress(src: str, out: Path, base: str | None, codec: str | None, params: tuple[str, ...], name: str | None,
-             calibration: Path | None) -> None:
+             calibration: Path | None, fallback_dtype: str | None) -> None:
     """Compress a fine-tuned checkpoint or a PEFT LoRA folder SRC against --base (or re-encode an artifact SRC).
 
     \b
@@ -120,7 +123,8 @@ def compress(src: str, out: Path, base: str | None, codec: str | None, params: t
     if tag:
         provenance["tag"] = tag
     art = deltahub.compress(src, base=base, codec=codec, out=out, name=art_name, calibration=calib,
-                            provenance=provenance, **config.model_dump(exclude_unset=True))
+                            provenance=provenance, fallback_dtype=fallback_dtype,
+                            **config.model_dump(exclude_unset=True))
     _print_summary(art)
 
 
@@ -190,6 +194,16 @@ def inspect(artifact: str, as_json: bool) -> None:
         click.echo(f"size          {s.get('payload_bytes', 0) / 1e6:.3f} MB delta for {s.get('params')} params: "
                    f"{s.get('bits_per_param'):.4f} bits/param, {s.get('ratio_vs_fp16')}x vs dense fp16")
     click.echo(f"rel. error    {s.get('rel_error')}")
+    if "choice" in (fit := info.get("fit_stats") or {}):  # auto: what it aimed at and what it measured
+        target = ", ".join(f"{k}={v}" for k, v in (fit.get("target") or {}).items())
+        click.echo(f"auto          {target}, objective {fit.get('objective')}, {fit.get('candidates')} candidates")
+        if isinstance(m := fit.get("measured"), dict):
+            click.echo(f"measured      KL {m['kl']:.4g} nats, agreement {m['agreement']:.4f} on "
+                       f"{fit.get('calibration_outputs')} calibration outputs"
+                       f"{'' if fit.get('met', True) else '  (target NOT met: the most faithful choice)'}")
+    if (disk := _disk_bytes(art)) is not None:
+        click.echo(f"on disk       {disk / 1e6:.3f} MB (payload, manifest, card): "
+                   f"{8 * disk / max(s.get('params') or 1, 1):.4f} bits/param")
     click.echo(f"tensors       {s.get('matched')} matched ({s.get('unchanged')} unchanged), {s.get('new')} new, "
                f"{s.get('replaced')} replaced, {s.get('kept_from_base')} kept from base")
     if art.manifest.adapter is not None:
@@ -205,6 +219,14 @@ def inspect(artifact: str, as_json: bool) -> None:
         if "auto.codec" in t["meta"]:  # show what `auto` chose, with its settings
             codec = f"auto:{t['meta']['auto.codec']} {t['meta'].get('auto.params', '')}"
         click.echo(f"{t['name'][:60]:<60} {t['op']:<8} {codec:<9} {str(t['shape']):<16} {t['stored_bytes']:>10} {err:>8}")
+
+
+def _disk_bytes(art: Any) -> int | None:
+    """Bytes of the artifact folder's files (None for an artifact not held as a folder)."""
+    folder = getattr(art, "folder", None)
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def _inspect_adapter(art: Any) -> None:

@@ -1,139 +1,169 @@
-"""``auto``: choose, per tensor, the codec and setting that fits a quality or size target.
+"""``auto``: choose, per tensor, the codec and setting that fits a size or fidelity target.
 
-Two targets (exactly one is given):
+deltahub's own method (no paper chooses codecs per tensor). Candidates are every installed codec's
+``auto_grid`` settings that accept the tensor (the built-ins: dense fp16/bf16/exact, compeft, dare, darex,
+bitdelta, binary; a third-party codec joins by declaring a grid). ``fit`` encodes each tensor with each
+candidate once, measures (stored bits, distortion) and keeps the payloads it may choose, so ``encode``
+writes a cached payload instead of encoding twice. Distortion and allocation: :mod:`deltahub.selection`.
 
-- ``max_error=ε``: for every tensor, the candidate with the fewest stored bits whose relative
-  reconstruction error ‖Δ − Δ̂‖/‖Δ‖ is at most ε (the lossless ``dense`` is always a last resort);
-- ``max_bits_per_param=B``: the smallest total squared error Σ‖Δ − Δ̂‖² such that all encoded tensors
-  together use at most B bits per parameter. ``fit`` measures every candidate on every tensor, then a
-  Lagrangian sweep (each tensor minimises err² + λ·bits; bisection on λ) meets the budget — the classic
-  rate-distortion allocation, exact up to the convex hull of each tensor's (bits, error) points.
+Targets (give one; none means ``max_bits_per_param=1``):
 
-The payload is the chosen codec's payload; ``meta`` adds ``auto.codec``, ``auto.params``, ``auto.version``
-and ``auto.reason`` so ``deltahub inspect`` can show what was chosen and why.
+- ``max_bits_per_param=B``: least total distortion within B bits per parameter (Lagrangian allocation:
+  each tensor minimises D + λ·bits, λ bisected to meet the budget);
+- ``max_kl=K`` / ``min_agreement=A`` (need ``--calibration``): the smallest allocation whose *measured*
+  end-to-end figure on the calibration texts meets the target. The Fisher prediction (KL ≈ ΣD / 2·outputs)
+  gives the first λ, then each step applies the chosen errors to the fine-tuned model, reruns the texts and
+  moves λ by bisection on the measured figure (at most ``max_checks`` runs);
+- ``max_error=ε``: per tensor, the fewest bits with ‖Δ − Δ̂‖/‖Δ‖ ≤ ε (weight space; kept for scripts).
+
+``objective``: ``fisher`` with calibration (output sensitivity, :mod:`deltahub.sensitivity`), else
+``heuristic`` (noise-aware weight error), or ``weight``. With calibration the final allocation is always
+checked end to end and the figure recorded. What was chosen is in each tensor's meta (``auto.codec``,
+``auto.params``, ``auto.version``); the target, objective and measured figures are in ``fit_stats``.
+Budgets count the payload before the artifact's zstd stage, so the stored size is at most the budget.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded, available_codecs, get_codec
-from deltahub.errors import CodecVersionError
+from deltahub import selection as sel
+from deltahub.calibration import Calibration
+from deltahub.codecs import Codec, CodecConfig, DeltaSource, Encoded, get_codec
+from deltahub.errors import CodecConfigError, CodecVersionError
 
-# (codec, params, estimated bits/param used only to order the search); unavailable codecs are skipped
-CANDIDATES: list[tuple[str, dict[str, Any], float]] = [
-    ("compeft", {"density": 0.005}, 0.05), ("compeft", {"density": 0.01}, 0.09), ("compeft", {"density": 0.02}, 0.16),
-    ("compeft", {"density": 0.05}, 0.34), ("compeft", {"density": 0.1}, 0.57), ("compeft", {"density": 0.2}, 0.92),
-    ("bitdelta", {}, 1.0), ("binary", {"bits": 1}, 1.0), ("compeft", {"density": 0.3}, 1.18),
-    ("compeft", {"density": 0.5}, 1.5), ("binary", {"bits": 2}, 2.0), ("binary", {"bits": 3}, 3.0),
-    ("binary", {"bits": 4}, 4.0), ("dense", {"dtype": "bfloat16"}, 16.0), ("dense", {"dtype": "float16"}, 16.0),
-    ("dense", {}, 32.0),
-]
+DEFAULT_BITS = 1.0
 
 
 class AutoConfig(CodecConfig):
-    """Options of ``auto`` (give exactly one)."""
+    """Options of ``auto`` (at most one target)."""
 
-    max_error: float | None = Field(None, gt=0)
-    """Per-tensor bound on the relative reconstruction error ‖Δ − Δ̂‖/‖Δ‖."""
     max_bits_per_param: float | None = Field(None, gt=0)
-    """Total size budget over the encoded tensors, in bits per parameter."""
+    """Size budget over all tensors, in bits per parameter (the default target: 1)."""
+    max_kl: float | None = Field(None, gt=0)
+    """Fidelity budget: mean KL(expert ‖ compressed) per output on the calibration texts, in nats."""
+    min_agreement: float | None = Field(None, gt=0, le=1)
+    """Fidelity budget: fraction of calibration outputs whose argmax matches the expert's."""
+    max_error: float | None = Field(None, gt=0)
+    """Per-tensor bound on the relative weight error ‖Δ − Δ̂‖/‖Δ‖."""
+    objective: Literal["auto", "fisher", "heuristic", "weight"] = "auto"
+    """Distortion: fisher (calibrated output sensitivity), heuristic (noise-aware weight error), weight."""
+    max_checks: int = Field(10, ge=1, le=50)
+    """End-to-end runs of the calibration texts a fidelity target may take."""
 
     @model_validator(mode="after")
     def _one_target(self) -> AutoConfig:
-        if (self.max_error is None) == (self.max_bits_per_param is None):
-            raise ValueError("give exactly one of max_error or max_bits_per_param")
+        if len(self.targets()) > 1:
+            raise ValueError("give at most one of max_bits_per_param, max_kl, min_agreement, max_error")
         return self
 
-
-def _candidates(name: str, shape: tuple[int, ...]) -> list[tuple[Codec, CodecConfig, float]]:
-    have = set(available_codecs())
-    out = []
-    for cname, params, est in CANDIDATES:
-        if cname in have:
-            codec = get_codec(cname)
-            config = codec.parse_config(params)
-            if codec.accepts(name, shape, config):
-                out.append((codec, config, est))
-    return out
-
-
-def _try(codec: Codec, config: CodecConfig, delta: torch.Tensor, name: str) -> tuple[Encoded, int, float]:
-    """Encode with one candidate: (payload, stored bits, squared error)."""
-    enc = codec.encode(delta if codec.lossless else delta.float(), config, codec.fit_one(name, delta, config), name=name)
-    dec = codec.decode(enc, tuple(delta.shape))
-    return enc, 8 * enc.nbytes(), float((dec.double() - delta.double()).pow(2).sum())
+    def targets(self) -> dict[str, float]:
+        names = ("max_bits_per_param", "max_kl", "min_agreement", "max_error")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 class AutoCodec(Codec):
     name = "auto"
-    version = 1
+    version = 2
     pretty_name = "auto (per-tensor codec choice)"
     reference_url = None
     Config = AutoConfig
 
+    def __init__(self) -> None:
+        self._cache: tuple[str, dict[str, Encoded]] = ("", {})  # the last fit's chosen payloads, by tensor
+
     def accepts(self, name: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
         return True
 
-    def fit(self, deltas: DeltaSource, config: AutoConfig, *, calibration: Any = None) -> dict[str, Any] | None:
-        """Budget mode: measure every candidate on every tensor and allocate bits by a Lagrangian sweep."""
-        if config.max_bits_per_param is None:
-            return None
-        table: dict[str, list[tuple[int, float]]] = {}
-        numel = 0
+    def fit(self, deltas: DeltaSource, config: AutoConfig, *, calibration: Any = None) -> dict[str, Any]:
+        """Measure every candidate on every tensor, then choose per tensor for the target (module docstring).
+
+        Raises:
+            CodecConfigError: a fidelity target or the fisher objective without calibration with a model.
+        """
+        target = config.targets() or {"max_bits_per_param": DEFAULT_BITS}
+        (kind, value), = target.items()
+        sens = _sensitivity(config, kind, calibration)
+        objective = "weight" if kind == "max_error" else "fisher" if sens is not None else (
+            "heuristic" if config.objective == "auto" else config.objective)
+        scorer = (lambda n, d, errs: sens.scores(n, errs)) if objective == "fisher" else None
+        table, kept, numel, norms = {}, {}, 0, {}
         for name, d in deltas:
             numel += d.numel()
-            table[name] = [_try(c, cfg, d, name)[1:] for c, cfg, _ in _candidates(name, tuple(d.shape))]
-        budget = config.max_bits_per_param * numel
+            norms[name] = float(d.double().pow(2).sum())
+            table[name] = sel.measure(name, d, objective=objective, scorer=scorer, prune=kind != "max_error")
+            if kind == "max_error":  # decided per tensor: keep only the chosen payload
+                table[name] = [table[name][_cheapest_within(table[name], value * value * norms[name])]]
+            if sens is not None:
+                kept[name] = d
+        if objective == "fisher" and not any(sens.covers(n) for n in table):
+            raise CodecConfigError("auto: the calibration model has none of the delta's tensors; calibrate with "
+                                   "the fine-tuned model folder, or drop --calibration.")
+        stats: dict[str, Any] = {"objective": objective, "target": target, "candidates": len(sel.grid())}
+        if kind == "max_error":
+            choice = dict.fromkeys(table, 0)
+        elif kind == "max_bits_per_param":
+            stats["lambda"], choice = sel.fit_bits(table, value * numel)
+        else:
+            choice = self._search(table, kept, sens, kind, value, config.max_checks, stats)
+        if sens is not None:
+            stats.setdefault("measured", _measure(sens, table, kept, choice))
+            stats["predicted_kl"] = sel.total(table, choice, "score") / (2 * sens.outputs)
+            stats["calibration_outputs"] = sens.outputs
+        stats["bits_per_param"] = sel.total(table, choice) / max(numel, 1)
+        stats["choice"] = {n: table[n][i].label for n, i in choice.items()}
+        stats["run"] = uuid.uuid4().hex
+        self._cache = (stats["run"], {n: table[n][i].enc for n, i in choice.items() if table[n][i].enc is not None})
+        return stats
 
-        def pick(lam: float) -> dict[str, int]:
-            return {n: min(range(len(r)), key=lambda i: r[i][1] + lam * r[i][0]) for n, r in table.items()}
+    def _search(self, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor], sens: Any, kind: str,
+                value: float, max_checks: int, stats: dict[str, Any]) -> dict[str, int]:
+        """The fewest bits whose measured figure meets the target: bisection on log λ from the Fisher guess."""
+        def meets(m: dict[str, float]) -> bool:
+            return m["kl"] <= value if kind == "max_kl" else m["agreement"] >= value
 
-        def bits(choice: dict[str, int]) -> int:
-            return sum(table[n][i][0] for n, i in choice.items())
-
-        lo, hi = 0.0, 1.0
-        while bits(pick(hi)) > budget and hi < 1e30:
-            hi *= 16
-        for _ in range(60):  # bisection on λ: larger λ means fewer bits
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
-            lo, hi = (lo, mid) if bits(pick(mid)) <= budget else (mid, hi)
-        choice = pick(hi)
-        return {"choice": choice, "bits": bits(choice), "budget_bits": budget}
+        guess_kl = value if kind == "max_kl" else 1e-3
+        lam, lo, hi, best, steps = sel.lambda_for_score(table, 2 * sens.outputs * guess_kl), None, None, None, []
+        for _ in range(max_checks):
+            choice = sel.allocate(table, lam)
+            m = _measure(sens, table, kept, choice)
+            bits = sel.total(table, choice)
+            steps.append({"lambda": lam, "bits": bits, **m})
+            if meets(m):
+                lo = lam
+                if best is None or bits < best[0]:
+                    best = (bits, choice, m)
+            else:
+                hi = lam
+            if lo is not None and hi is not None and hi / lo < 1.25:
+                break
+            lam = lam * 16 if hi is None else lam / 16 if lo is None else math.sqrt(lo * hi)
+        if best is None:  # nothing tried met it: the most faithful allocation (exact tensors: KL 0)
+            choice = sel.allocate(table, 0.0)
+            m = _measure(sens, table, kept, choice)
+            best = (sel.total(table, choice), choice, m)
+        stats["search"], stats["measured"], stats["met"] = steps, best[2], meets(best[2])
+        return best[1]
 
     def encode(self, delta: torch.Tensor, config: AutoConfig, stats: Mapping[str, Any] | None = None, *,
                name: str = "") -> Encoded:
-        cands = _candidates(name, tuple(delta.shape))
-        norm = float(delta.double().norm()) or 1.0
-        if config.max_bits_per_param is not None and stats and name in stats.get("choice", {}):
-            codec, cfg, _ = cands[int(stats["choice"][name])]
-            enc, _, err2 = _try(codec, cfg, delta, name)
-            return self._wrap(codec, cfg, enc, f"budget {config.max_bits_per_param} bits/param; rel. error {math.sqrt(err2) / norm:.4g}")
-        best: tuple[int, Codec, CodecConfig, Encoded, float] | None = None
-        for codec, cfg, est in sorted(cands, key=lambda c: c[2]):
-            if best is not None and est * delta.numel() >= best[0]:
-                break  # every remaining candidate is estimated larger than the best passing one
-            enc, nbits, err2 = _try(codec, cfg, delta, name)
-            rel = math.sqrt(err2) / norm
-            if rel <= (config.max_error or 0.0) and (best is None or nbits < best[0]):
-                best = (nbits, codec, cfg, enc, rel)
-        if best is None:  # nothing met the bound: the lossless codec always does
-            codec, cfg = get_codec("dense"), get_codec("dense").Config()
-            enc, nbits, err2 = _try(codec, cfg, delta, name)
-            best = (nbits, codec, cfg, enc, 0.0)
-        nbits, codec, cfg, enc, rel = best
-        return self._wrap(codec, cfg, enc, f"fewest bits with rel. error {rel:.4g} <= {config.max_error}")
-
-    @staticmethod
-    def _wrap(codec: Codec, cfg: CodecConfig, enc: Encoded, reason: str) -> Encoded:
+        if not stats or name not in stats.get("choice", {}):
+            stats = self.fit_one(name, delta, config)
+        run, cached = self._cache
+        enc = cached.pop(name, None) if run == stats.get("run") else None
+        lab = stats["choice"][name]
+        codec, cfg = next((c, cfg) for c, cfg, lb in sel.candidates(name, tuple(delta.shape)) if lb == lab)
+        if enc is None:  # not cached (another process, or fit over a different source): encode again
+            enc = sel.encode_with(codec, cfg, delta, name)
         meta = {**enc.meta, "auto.codec": codec.name, "auto.version": str(codec.version),
-                "auto.params": json.dumps(cfg.model_dump(mode="json"), sort_keys=True), "auto.reason": reason}
+                "auto.params": json.dumps(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=True)}
         return Encoded(enc.tensors, meta)
 
     @staticmethod
@@ -153,6 +183,39 @@ class AutoCodec(Codec):
         codec, inner = self._inner(enc)
         return codec.decode(inner, shape).to(torch.float32) if codec.name != "dense" else codec.decode(inner, shape)
 
+    def sparse(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        codec, inner = self._inner(enc)
+        return codec.sparse(inner, shape)
+
     def to_resident(self, enc: Encoded, shape: tuple[int, ...], *, device: Any = "cpu") -> Any:
         codec, inner = self._inner(enc)
         return codec.to_resident(inner, shape, device=device)
+
+
+def _sensitivity(config: AutoConfig, kind: str, calibration: Any) -> Any:
+    """The calibration's Sensitivity when the objective or target needs it (or calibration is given)."""
+    needs = kind in ("max_kl", "min_agreement") or config.objective == "fisher"
+    usable = isinstance(calibration, Calibration) and calibration.model is not None and kind != "max_error"
+    if needs and not usable:
+        raise CodecConfigError(f"auto with {kind if kind in ('max_kl', 'min_agreement') else 'objective=fisher'} "
+                               "needs calibration texts and the fine-tuned model: pass --calibration FILE.")
+    if not usable or config.objective in ("heuristic", "weight"):
+        return None
+    return calibration.sensitivity()
+
+
+def _cheapest_within(trials: list[sel.Trial], max_err2: float) -> int:
+    ok = [i for i, t in enumerate(trials) if t.err2 <= max_err2]
+    return min(ok, key=lambda i: trials[i].bits) if ok else max(range(len(trials)), key=lambda i: trials[i].bits)
+
+
+def _measure(sens: Any, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor],
+             choice: dict[str, int]) -> dict[str, float]:
+    """End-to-end figures of ``choice``: its errors added to the fine-tuned model, the texts rerun."""
+    errors = {}
+    for n, i in choice.items():
+        t = table[n][i]
+        if t.err2 > 0 and t.enc is not None:
+            codec = get_codec(t.label.split(" ", 1)[0])
+            errors[n] = codec.decode(t.enc, tuple(kept[n].shape)).float() - kept[n].float()
+    return sens.evaluate(errors)

@@ -106,6 +106,7 @@ class BinaryCodec(Codec):
     pretty_name = "1-bit adapters (b-bit Gaussian codebook)"
     reference_url = "https://arxiv.org/abs/2307.16867"
     Config = BinaryConfig
+    auto_grid = ({"bits": 1}, {"bits": 2}, {"bits": 3}, {"bits": 4})
 
     def encode(self, delta: torch.Tensor, config: BinaryConfig, stats: Mapping[str, Any] | None = None, *,
                name: str = "") -> Encoded:

@@ -66,6 +66,7 @@ class BitdeltaCodec(Codec):
     pretty_name = "BitDelta (sign bit + per-matrix scale)"
     reference_url = "https://arxiv.org/abs/2402.10193"
     Config = BitdeltaConfig
+    auto_grid = ({"include_embeddings": True},)  # auto decides per tensor, embeddings included
 
     def accepts(self, name: str, shape: tuple[int, ...], config: BitdeltaConfig) -> bool:
         return len(shape) >= 2 and (config.include_embeddings or "embed" not in name.lower())

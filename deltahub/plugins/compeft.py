@@ -93,6 +93,7 @@ class CompeftCodec(Codec):
     pretty_name = "ComPEFT (sparse ternary)"
     reference_url = "https://arxiv.org/abs/2311.13171"
     Config = CompeftConfig
+    auto_grid = tuple({"density": d} for d in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5))
 
     def fit(self, deltas: DeltaSource, config: CompeftConfig, *, calibration: Any = None) -> dict[str, Any] | None:
         """Global mode: σ of the whole dense τ (fp64 sums) and the global top-k threshold."""

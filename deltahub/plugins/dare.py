@@ -75,6 +75,14 @@ class DareCodec(Codec):
     pretty_name = "DARE (drop and rescale)"
     reference_url = "https://arxiv.org/abs/2311.03099"
     Config = DareConfig
+    auto_grid = tuple({"p": p} for p in (0.8, 0.9, 0.95, 0.98, 0.99, 0.995))  # p < 0.8 costs > 3.5 bits/param
+
+    def expected_gain(self, enc: Encoded) -> float | None:
+        """E[Δ̂] = (1−p)·scale·Δ: 1 for DARE (unbiased), (1−p)/q for DAREx."""
+        try:
+            return (1.0 - float(enc.meta["p"])) * float(enc.tensors["scale"].reshape(-1)[0])
+        except (KeyError, ValueError, IndexError):
+            return None
 
     def _keep_rate(self, config: Any, stats: Mapping[str, Any] | None) -> float:
         """The q of the rescale 1/q: 1 − p for DARE."""

@@ -65,6 +65,7 @@ class DarexCodec(DareCodec):
     pretty_name = "DAREx-q (drop, tuned rescale)"
     reference_url = "https://arxiv.org/abs/2410.09344"
     Config = DarexConfig
+    auto_grid = ({"p": 0.99, "q": 0.02}, {"p": 0.95, "q": 0.1})  # half-way to DropOnly on the 1/q scale: q = 2(1−p)
 
     def fit(self, deltas: DeltaSource, config: DarexConfig, *, calibration: Any = None) -> dict[str, Any] | None:
         """``q=auto``: the global q minimising the per-layer output change (module docstring)."""

@@ -34,6 +34,7 @@ class DenseCodec(Codec):
     reference_url = None
     lossless = True
     Config = DenseConfig
+    auto_grid = ({"dtype": "float16"}, {"dtype": "bfloat16"}, {})
 
     def accepts(self, name: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
         return True
