@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     art_root = workdir / "artifacts"
     art_root.mkdir(exist_ok=True)
     for codec, params, needs_cal in settings:
-        label = label_of(codec, params) + (" †" if needs_cal and codec == "auto" else "")
+        label = label_of(codec, params) + (" calibrated" if needs_cal and codec == "auto" else "")
         if args.only and not any(s in label for s in args.only):
             continue
         if codec not in available:
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
                       "head_only_accuracy": head_only_acc, "head_only_agreement": head_only_agree},
         "rows": rows,
         "skipped": skipped,
-        "auto_comparison": compare_auto(rows),
+        "auto_comparison": compare_auto(rows, ft_acc),
         "equal_accuracy_tolerance": EQUAL_ACC_TOL,
         "timing_note": ("2 CPU threads shared with other jobs: encode = one compress call; decode = median of "
                         f"{args.repeats} load+apply runs without sha256/fingerprint checks"),
@@ -294,6 +294,7 @@ def measure(codec, params, label, out, ft_dir, base_dir, base_sd, test, tokenize
                             **params)
     encode_s = time.perf_counter() - t0
     stats = art.manifest.stats
+    disk = {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()}
 
     times, merged = [], None
     for _ in range(max(1, repeats)):
@@ -330,6 +331,8 @@ def measure(codec, params, label, out, ft_dir, base_dir, base_sd, test, tokenize
     return {
         "codec": codec, "params": params, "label": label,
         "bits_per_param": stats["bits_per_param"], "ratio_vs_fp16": stats["ratio_vs_fp16"],
+        "disk_bytes": sum(disk.values()), "manifest_bytes": disk.get("manifest.json"),
+        "disk_bits_per_param": 8 * sum(disk.values()) / stats["params"],
         "rel_error": stats["rel_error"], "payload_bytes": stats["payload_bytes"],
         "replaced_bytes": stats["replaced_bytes"], "params_encoded": stats["params"], "codecs_used": used,
         "accuracy": acc, "accuracy_delta": acc - ft_acc, "agreement": agree, "kl_vs_expert": kl,
@@ -344,52 +347,72 @@ def _small(fit_stats: dict) -> dict:
     return {k: v for k, v in (fit_stats or {}).items() if isinstance(v, (int, float, str, bool))}
 
 
-AUTO_CANDIDATE_CODECS = ("compeft", "bitdelta", "binary", "dense")  # what deltahub/plugins/auto.py CANDIDATES draws from
+# each codec at its default options (darex's default q=auto is calibrated): what `auto`'s default must match
+DEFAULT_LABELS = ("dense", "compeft d=0.1", "dare p=0.9", "darex p=0.99 q=auto", "bitdelta", "binary bits=1")
 
 
-def compare_auto(rows: list[dict]) -> list[dict]:
-    """Item 8's claim, per auto row, against (a) every single-codec row and (b) only the codecs auto draws from.
+def _brief(r: dict | None, metric: str = "accuracy") -> dict | None:
+    return r and {k: r[k] for k in ("label", "bits_per_param", metric)}
 
-    "Equal" is judged twice: by test accuracy and by agreement with the expert (the paired, less noisy
-    figure), each within EQUAL_ACC_TOL. ``smallest_at_equal``: the smallest single-codec row whose figure is
-    >= auto's − EQUAL_ACC_TOL; ``dominated_by``: single-codec rows at most as large as auto's and at least as
-    good on that figure.
+
+def compare_auto(rows: list[dict], ft_acc: float) -> dict:
+    """Issue 13's claims, measured.
+
+    ``target``: the smallest single-codec row within EQUAL_ACC_TOL of the fine-tune's accuracy against the
+    smallest auto row within it (item 5: auto should be smaller). ``default``: auto with no options against
+    the best single codec at its default options. ``rows``: per auto row, the smallest single-codec row at
+    equal accuracy and at equal agreement (each within EQUAL_ACC_TOL), and the single rows that dominate it.
+    ``speed``: each auto row's encode time over the slowest single-codec row among auto's candidates.
     """
-    out = []
-    for r in (r for r in rows if r["codec"] == "auto"):
+    singles = [r for r in rows if r["codec"] != "auto"]
+    autos = [r for r in rows if r["codec"] == "auto"]
+    near = lambda pool: [r for r in pool if r["accuracy"] >= ft_acc - EQUAL_ACC_TOL]  # noqa: E731
+    smallest = lambda pool: min(pool, key=lambda r: r["bits_per_param"]) if pool else None  # noqa: E731
+    best_single, best_auto = smallest(near(singles)), smallest(near(autos))
+    out: dict = {"target": {
+        "smallest_single_within_tol": _brief(best_single), "smallest_auto_within_tol": _brief(best_auto),
+        "met": bool(best_auto and (best_single is None or best_auto["bits_per_param"] < best_single["bits_per_param"])),
+    }}
+    defaults = [r for r in singles if r["label"] in DEFAULT_LABELS]
+    plain = next((r for r in autos if r["label"] == "auto"), None)
+    if plain and defaults:
+        out["default"] = {"auto": _brief(plain), "single_defaults": [_brief(r) for r in defaults],
+                          "dominated_by": [r["label"] for r in defaults if r["bits_per_param"] <= plain["bits_per_param"]
+                                           and r["accuracy"] >= plain["accuracy"]]}
+    grid_rows = [r for r in singles if not r.get("calibrated")]
+    slowest = max(grid_rows, key=lambda r: r["encode_s"]) if grid_rows else None
+    out["rows"] = []
+    for r in autos:
         entry = {"auto": r["label"], "bits_per_param": r["bits_per_param"], "accuracy": r["accuracy"],
-                 "agreement": r["agreement"]}
+                 "agreement": r["agreement"], "encode_s": r["encode_s"],
+                 "encode_over_slowest_single": slowest and round(r["encode_s"] / slowest["encode_s"], 2)}
         for metric in ("accuracy", "agreement"):
-            for key, pool in (("all_single", [s for s in rows if s["codec"] != "auto"]),
-                              ("auto_candidates_only", [s for s in rows if s["codec"] in AUTO_CANDIDATE_CODECS])):
-                peers = [s for s in pool if s[metric] >= r[metric] - EQUAL_ACC_TOL]
-                best = min(peers, key=lambda s: s["bits_per_param"]) if peers else None
-                entry[f"{metric}/{key}"] = {
-                    "smallest_at_equal": best and {k: best[k] for k in ("label", "bits_per_param", metric)},
-                    "auto_smaller": bool(best is None or r["bits_per_param"] < best["bits_per_param"]),
-                    "size_ratio_auto_over_single": best and round(r["bits_per_param"] / best["bits_per_param"], 3),
-                    "dominated_by": [s["label"] for s in pool if s["bits_per_param"] <= r["bits_per_param"]
-                                     and s[metric] >= r[metric]],
-                }
-        out.append(entry)
+            peers = [s for s in singles if s[metric] >= r[metric] - EQUAL_ACC_TOL]
+            best = smallest(peers)
+            entry[metric] = {"smallest_single_at_equal": _brief(best, metric),
+                             "auto_smaller": bool(best is None or r["bits_per_param"] < best["bits_per_param"]),
+                             "dominated_by": [s["label"] for s in singles if s["bits_per_param"] <= r["bits_per_param"]
+                                              and s[metric] >= r[metric]]}
+        out["rows"].append(entry)
+    out["slowest_single"] = _brief(slowest, "encode_s")
     return out
 
 
 def auto_summary(results: dict) -> str:
     """Plain-text lines of the auto comparison (also printed by the script)."""
-    lines = []
-    for c in results["auto_comparison"]:
-        lines.append(f"{c['auto']}: {c['bits_per_param']:.3f} bpp, accuracy {c['accuracy']:.4f}, "
-                     f"agreement {c['agreement']:.4f}")
-        for key, e in c.items():
-            if "/" not in key:
-                continue
-            metric = key.split("/")[0]
-            best = e["smallest_at_equal"]
-            lines.append(f"  {key:32s} smallest single within {EQUAL_ACC_TOL}: "
-                         + (f"{best['label']} ({best['bits_per_param']:.3f} bpp, {metric} {best[metric]:.4f}), "
-                            f"auto/single size {e['size_ratio_auto_over_single']}" if best else "none")
-                         + f"; auto smaller: {e['auto_smaller']}; dominated by: {', '.join(e['dominated_by']) or '-'}")
+    c = results["auto_comparison"]
+    t = c["target"]
+    fmt = lambda r: f"{r['label']} ({r['bits_per_param']:.3f} bpp, {r['accuracy']:.4f})" if r else "none"  # noqa: E731
+    lines = [f"within {EQUAL_ACC_TOL} of the fine-tune: smallest single {fmt(t['smallest_single_within_tol'])}, "
+             f"smallest auto {fmt(t['smallest_auto_within_tol'])}; auto smaller: {t['met']}"]
+    if "default" in c:
+        lines.append(f"default: {fmt(c['default']['auto'])} dominated by single defaults: "
+                     f"{', '.join(c['default']['dominated_by']) or '-'}")
+    for e in c["rows"]:
+        lines.append(f"{e['auto']}: {e['bits_per_param']:.3f} bpp, acc {e['accuracy']:.4f}, agree {e['agreement']:.4f}, "
+                     f"encode {e['encode_s']:.1f} s = {e['encode_over_slowest_single']}x the slowest single; "
+                     f"smaller than every single at equal accuracy: {e['accuracy']['auto_smaller']}, at equal "
+                     f"agreement: {e['agreement']['auto_smaller']}")
     return "\n".join(lines)
 
 
@@ -397,24 +420,25 @@ def auto_summary(results: dict) -> str:
 def markdown_table(results: dict) -> str:
     ref = results["reference"]
     lines = [
-        "| codec / setting | bits/param | × vs fp16 Δ | rel. error | accuracy | Δ acc vs expert | agreement | "
+        "| codec / setting | bits/param | on disk | × vs fp16 Δ | rel. error | accuracy | Δ acc vs expert | agreement | "
         "encode s | decode s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| base, zero-shot (no head) | – | – | – | {ref['base_zero_shot_accuracy']:.4f} | "
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| base, zero-shot (no head) | – | – | – | – | {ref['base_zero_shot_accuracy']:.4f} | "
         f"{ref['base_zero_shot_accuracy'] - ref['finetuned_accuracy']:+.4f} | – | – | – |",
-        f"| base encoder + fine-tuned head (Δ dropped) | 0 | – | 1 | {ref['head_only_accuracy']:.4f} | "
+        f"| base encoder + fine-tuned head (Δ dropped) | 0 | – | – | 1 | {ref['head_only_accuracy']:.4f} | "
         f"{ref['head_only_accuracy'] - ref['finetuned_accuracy']:+.4f} | {ref['head_only_agreement']:.4f} | – | – |",
-        f"| fine-tuned expert (uncompressed) | – | – | 0 | {ref['finetuned_accuracy']:.4f} | 0 | 1 | – | – |",
+        f"| fine-tuned expert (uncompressed) | – | – | – | 0 | {ref['finetuned_accuracy']:.4f} | 0 | 1 | – | – |",
     ]
     for r in results["rows"]:
         ratio = f"{r['ratio_vs_fp16']:.1f}" if r["ratio_vs_fp16"] and r["ratio_vs_fp16"] >= 1 else \
             f"{r['ratio_vs_fp16']:.2f}"
         lines.append(
-            f"| {r['label']}{' †' if r.get('calibrated') else ''} | {r['bits_per_param']:.3f} | {ratio} | "
+            f"| {r['label'].removesuffix(' calibrated')}{' †' if r.get('calibrated') else ''} | "
+            f"{r['bits_per_param']:.3f} | {r['disk_bits_per_param']:.3f} | {ratio} | "
             f"{_err(r['rel_error'])} | {r['accuracy']:.4f} | {r['accuracy_delta']:+.4f} | {r['agreement']:.4f} | "
             f"{r['encode_s']:.1f} | {r['decode_s']:.2f} |")
     for s in results["skipped"]:
-        lines.append(f"| {s['label']} | skipped: {s['reason']} | | | | | | | |")
+        lines.append(f"| {s['label']} | skipped: {s['reason']} | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -424,11 +448,12 @@ def _err(x: float) -> str:
 
 def _plot_label(r: dict) -> str:
     """Short point label: the setting without the codec name."""
-    text = r["label"][len(r["codec"]):].strip()
+    text = r["label"][len(r["codec"]):].removesuffix(" calibrated").strip()
     for old, new in (("include_embeddings=true", "+emb"), ("distill=true", "distill"), ("mode=global", "global"),
-                     ("max_error=", "err≤"), ("max_bpp=", "bpp≤")):
+                     ("max_error=", "err≤"), ("max_bpp=", "bpp≤"), ("max_kl=", "KL≤"), ("min_agreement=", "agree≥")):
         text = text.replace(old, new)
-    text = text or ("signs+scale" if r["codec"] == "bitdelta" else "fp32/exact" if r["codec"] == "dense" else "")
+    text = text or ("signs+scale" if r["codec"] == "bitdelta" else "fp32/exact" if r["codec"] == "dense" else
+                    "default (1 bpp)" if r["codec"] == "auto" else "")
     return text + (" †" if r.get("calibrated") else "")
 
 

@@ -95,6 +95,11 @@ class Codec(ABC):
     """The settings ``auto`` tries for this codec; empty (the default) leaves it out of ``auto``. A third-party
     codec becomes an ``auto`` candidate by listing some."""
 
+    def encode_grid(self, delta: torch.Tensor, configs: list[CodecConfig], *, name: str = "") -> list[Encoded]:
+        """One tensor encoded with several settings (``auto``'s candidates), each equal to :meth:`encode` after
+        :meth:`fit_one`; codecs override it to share work across settings (ComPEFT: one sort for all densities)."""
+        return [self.encode(delta, c, self.fit_one(name, delta, c), name=name) for c in configs]
+
     def expected_gain(self, enc: Encoded) -> float | None:
         """g with E[Δ̂] = g·Δ over the codec's randomness, for codecs whose error is independent zero-mean noise
         around that (DARE: g = 1; DAREx: g = (1−p)/q); None (the default) for a deterministic error. ``auto``'s

@@ -273,7 +273,7 @@ class _Job:
         self.entries.append(TensorEntry(
             name=p.name, base_name=p.base_name, op=op, shape=list(shape), dtype=dtype, codec=codec.name,
             codec_version=codec.version, params=config.model_dump(mode="json"), meta=dict(enc.meta), file=file,
-            payload=keys, sha256=sha, rel_error=math.sqrt(err2 / norm2) if norm2 > 0 else 0.0))
+            payload=keys, sha256=sha, rel_error=_sig(math.sqrt(err2 / norm2)) if norm2 > 0 else 0.0))
         return dec
 
     def _fallback_config(self, d: torch.Tensor) -> CodecConfig:
@@ -329,6 +329,11 @@ def _fidelity(fit: dict[str, Any]) -> dict[str, Any]:
     return {"fidelity": {"calibration_kl": m.get("kl"), "calibration_agreement": m.get("agreement"),
                          "calibration_outputs": fit.get("calibration_outputs"), "target": target,
                          "target_met": fit.get("met", True), "objective": fit.get("objective")}}
+
+
+def _sig(x: float) -> float:
+    """6 significant digits: the manifest's figures are for people, not 17-digit round trips."""
+    return float(f"{x:.6g}")
 
 
 FALLBACK_DTYPES = ("exact", "float16", "bfloat16")

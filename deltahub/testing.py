@@ -203,6 +203,16 @@ class CodecContract:
         assert a.meta == b.meta and a.tensors.keys() == b.tensors.keys()
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
+    def test_encode_grid_equals_encode(self, setup: tuple[Codec, CodecConfig]) -> None:
+        """``auto`` encodes through ``encode_grid``: over the codec's auto grid it must be ``encode``, bit for bit."""
+        codec, config = setup
+        configs = [config, *(codec.parse_config(p) for p in codec.auto_grid)]
+        d = self.delta((48, 40), seed=5)
+        for cfg, got in zip(configs, codec.encode_grid(d, configs, name="t")):
+            want = self.encode(codec, cfg, d)
+            assert got.meta == want.meta and got.tensors.keys() == want.tensors.keys()
+            assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+
     def test_non_contiguous_input(self, setup: tuple[Codec, CodecConfig]) -> None:
         codec, config = setup
         d = self.delta((24, 40), seed=4)

@@ -111,6 +111,9 @@ class AutoCodec(Codec):
             choice = dict.fromkeys(table, 0)
         elif kind == "max_bits_per_param":
             stats["lambda"], choice = sel.fit_bits(table, value * numel)
+            if objective == "fisher":  # the Fisher allocation is second order: check it against the heuristic's
+                choice = _better_measured(sens, table, kept, [choice, sel.fit_bits(table, value * numel, "alt")[1]],
+                                          ["fisher", "heuristic"], stats)
         else:
             choice = self._search(table, kept, sens, kind, value, config.max_checks, stats)
         if sens is not None:
@@ -202,6 +205,16 @@ def _sensitivity(config: AutoConfig, kind: str, calibration: Any) -> Any:
     if not usable or config.objective in ("heuristic", "weight"):
         return None
     return calibration.sensitivity()
+
+
+def _better_measured(sens: Any, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor],
+                     choices: list[dict[str, int]], names: list[str], stats: dict[str, Any]) -> dict[str, int]:
+    """The allocation with the lowest measured KL (agreement breaks ties); each one's figures go in ``stats``."""
+    figures = [_measure(sens, table, kept, c) for c in choices]
+    stats["search"] = [{"allocation": n, "bits": sel.total(table, c), **m} for n, c, m in zip(names, choices, figures)]
+    best = min(range(len(choices)), key=lambda i: (figures[i]["kl"], -figures[i]["agreement"]))
+    stats["allocation"], stats["measured"] = names[best], figures[best]
+    return choices[best]
 
 
 def _cheapest_within(trials: list[sel.Trial], max_err2: float) -> int:

@@ -118,6 +118,22 @@ class CompeftCodec(Codec):
             k = _keep_count(flat.numel(), config.density)
             threshold = _threshold_exact(absval, k) if k else float("inf")
             sigma = float(flat.double().std()) if flat.numel() > 1 else 0.0
+        return self._encode_at(flat, absval, threshold, sigma, config)
+
+    def encode_grid(self, delta: torch.Tensor, configs: list[CodecConfig], *, name: str = "") -> list[Encoded]:
+        """Per-tensor settings share one descending sort of |τ| (the k-th largest is entry k − 1), instead of a
+        top-k per density: 8 densities on MiniLM's word embeddings take one 0.5 s sort, not eight top-k's."""
+        if any(c.mode == "global" for c in configs) or delta.numel() == 0:
+            return super().encode_grid(delta, configs, name=name)
+        flat = delta.float().reshape(-1)
+        absval = flat.abs()
+        ranked = torch.sort(absval, descending=True).values
+        sigma = float(flat.double().std()) if flat.numel() > 1 else 0.0
+        return [self._encode_at(flat, absval, float(ranked[_keep_count(flat.numel(), c.density) - 1]), sigma, c)
+                for c in configs]
+
+    def _encode_at(self, flat: torch.Tensor, absval: torch.Tensor, threshold: float, sigma: float,
+                   config: CompeftConfig) -> Encoded:
         # a zero threshold would keep exact zeros; they carry no information
         mask = (absval >= threshold) & (absval > 0)
         positions = torch.nonzero(mask).reshape(-1)

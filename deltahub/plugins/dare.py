@@ -27,6 +27,7 @@ Payload keys: ``q``, ``r`` (position streams), ``values``, ``scale``; meta ``k``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ from deltahub.kernels.layouts import SparseRows
 from deltahub.kernels.pack import sparse_rows
 
 _CHUNK = 1 << 22  # raw words drawn per step (32 MB): bounds memory; the stream is the same in one piece
+_CACHED_WORDS = 1 << 24  # tensors up to 16 M entries keep their stream (128 MB) for the next setting
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -56,12 +58,28 @@ class DareConfig(CodecConfig):
     """Storage type of the kept (unscaled) values."""
 
 
+def _generator(seed: int, name: str) -> np.random.Philox:
+    digest = hashlib.sha256(f"deltahub.dare\0{seed}\0{name}".encode()).digest()
+    return np.random.Philox(key=int.from_bytes(digest[:16], "little"))
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_words(seed: int, name: str, numel: int) -> np.ndarray:
+    """The whole raw stream of one tensor, kept for the next call: ``auto`` draws the mask of the same tensor
+    for 8 settings of p (dare and darex), and the draw is most of DARE's encode time."""
+    words = _generator(seed, name).random_raw(numel)
+    words.flags.writeable = False
+    return words
+
+
 def keep_mask(seed: int, name: str, numel: int, p: float) -> torch.Tensor:
     """The DARE keep mask of tensor ``name``: bool (numel,), portable (see the module docstring)."""
-    digest = hashlib.sha256(f"deltahub.dare\0{seed}\0{name}".encode()).digest()
-    bg = np.random.Philox(key=int.from_bytes(digest[:16], "little"))
     threshold = np.uint64(int(float(p) * 2.0**64))  # exact: scaling by a power of two; p < 1
     out = np.empty(numel, dtype=np.bool_)
+    if numel <= _CACHED_WORDS:
+        np.greater_equal(_raw_words(seed, name, numel), threshold, out=out)
+        return torch.from_numpy(out)
+    bg = _generator(seed, name)
     for start in range(0, numel, _CHUNK):
         stop = min(numel, start + _CHUNK)
         np.greater_equal(bg.random_raw(stop - start), threshold, out=out[start:stop])
