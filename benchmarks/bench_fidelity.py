@@ -389,7 +389,7 @@ def compare_auto(rows: list[dict], ft_acc: float) -> dict:
         for metric in ("accuracy", "agreement"):
             peers = [s for s in singles if s[metric] >= r[metric] - EQUAL_ACC_TOL]
             best = smallest(peers)
-            entry[metric] = {"smallest_single_at_equal": _brief(best, metric),
+            entry[f"vs_{metric}"] = {"smallest_single_at_equal": _brief(best, metric),
                              "auto_smaller": bool(best is None or r["bits_per_param"] < best["bits_per_param"]),
                              "dominated_by": [s["label"] for s in singles if s["bits_per_param"] <= r["bits_per_param"]
                                               and s[metric] >= r[metric]]}
@@ -411,8 +411,8 @@ def auto_summary(results: dict) -> str:
     for e in c["rows"]:
         lines.append(f"{e['auto']}: {e['bits_per_param']:.3f} bpp, acc {e['accuracy']:.4f}, agree {e['agreement']:.4f}, "
                      f"encode {e['encode_s']:.1f} s = {e['encode_over_slowest_single']}x the slowest single; "
-                     f"smaller than every single at equal accuracy: {e['accuracy']['auto_smaller']}, at equal "
-                     f"agreement: {e['agreement']['auto_smaller']}")
+                     f"smaller than every single at equal accuracy: {e['vs_accuracy']['auto_smaller']}, at equal "
+                     f"agreement: {e['vs_agreement']['auto_smaller']}")
     return "\n".join(lines)
 
 

@@ -280,8 +280,8 @@ class _Job:
         """``dense`` options for a delta the codec leaves alone: fp16 stores a bias or norm delta in half the
         bytes of fp32 (a quarter of a ``dare p=0.99`` MiniLM expert's payload is these 30,720 values), with
         bf16 where fp16 would overflow (|Δ| > 65504)."""
-        dtype = self.fallback_dtype
-        if dtype == "float16" and d.is_floating_point() and not torch.isfinite(d.to(torch.float16)).all():
+        dtype = self.fallback_dtype if d.is_floating_point() else "exact"  # integer tensors (indices) stay exact
+        if dtype == "float16" and not torch.isfinite(d.to(torch.float16)).all():
             dtype = "bfloat16"
         return self.dense_config if dtype == "exact" else self.dense.parse_config({"dtype": dtype})
 

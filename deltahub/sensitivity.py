@@ -32,6 +32,9 @@ from typing import Any
 import torch
 
 
+_GRAD_STACK = 1 << 26  # per-text gradients of one weight kept at once: at most 256 MB of fp32
+
+
 def _outputs(out: Any) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if logits is None:
@@ -152,12 +155,26 @@ class Sensitivity:
         if mname not in self._g:
             return None
         mod, x, g, seg = self.model.get_submodule(mname), self._x[mname], self._g[mname], self._seg[mname]
+        if kind in ("linear", "conv1d") and len(self.batches) * shape.numel() <= _GRAD_STACK:
+            grads = self._text_gradients(kind, x, g, seg)  # (texts, numel): one GEMM scores every error
+            return [float(v) for v in (torch.stack([e.float().reshape(-1) for e in errors]) @ grads.T)
+                    .double().pow(2).sum(1)]
         out = []
         for e in errors:
             v = self._token_products(kind, mod, e.float(), x, g)
             per_text = torch.zeros(len(self.batches), dtype=torch.float64).index_add_(0, seg, v.double())
             out.append(float(per_text.pow(2).sum()))  # a text's tokens add before squaring: cross terms kept
         return out
+
+    def _text_gradients(self, kind: str, x: torch.Tensor, g: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """g_s = Σ_t δ_t x_tᵀ per text, flattened like the weight: with S texts ≪ T tokens, scoring C errors costs
+        C·S·numel instead of C·T·numel multiply-adds (T ≈ 5 S on short calibration texts)."""
+        rows = []
+        for s in range(len(self.batches)):
+            at = seg == s
+            gs = g[at].T @ x[at] if kind == "linear" else x[at].T @ g[at]
+            rows.append(gs.reshape(-1))
+        return torch.stack(rows)
 
     @staticmethod
     def _token_products(kind: str | None, mod: torch.nn.Module, e: torch.Tensor, x: torch.Tensor,

@@ -33,9 +33,10 @@ def _layer_kind(module: nn.Module) -> str | None:
 class LoraLayer(nn.Module):
     """base(x) + s·B A applied to x (x Aᵀ Bᵀ for linear layers, A's columns looked up for embeddings)."""
 
-    def __init__(self, base: nn.Module, kind: str, r: int, alpha: float, rslora: bool = False):
+    def __init__(self, base: nn.Module, kind: str, r: int, alpha: float, rslora: bool = False,
+                 bits: int | None = None):
         super().__init__()
-        self.base_layer, self.kind, self.r = base, kind, r
+        self.base_layer, self.kind, self.r, self.bits = base, kind, r, bits
         self.alpha = float(alpha)
         self.scaling = self.alpha / math.sqrt(r) if rslora else self.alpha / r
         w = base.weight
@@ -58,10 +59,14 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        a, b = self.factors()
+        if self.bits is not None:  # QAT: the forward the stored b-bit adapter will compute
+            from deltahub.adapters.quant import quantized
+
+            a, b = quantized(a, self.bits), quantized(b, self.bits)
         if self.kind == "embedding":
-            e = nn.functional.embedding(x, self.lora_embedding_A.T)
-            return y + (e @ self.lora_embedding_B.T) * self.scaling
-        return y + self.lora_B(self.lora_A(x)) * self.scaling
+            return y + (nn.functional.embedding(x, a.T) @ b.T) * self.scaling
+        return y + (x @ a.T) @ b.T * self.scaling
 
 
 def _matches(name: str, targets: Any) -> bool:
@@ -79,7 +84,10 @@ def inject_lora(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Paramete
     targets = config.get("target_modules")
     if not targets:
         raise CodecConfigError("LoRA needs target_modules (module names or suffixes, e.g. ['query', 'value']).")
+    from deltahub.adapters.quant import check_bits
+
     r, alpha, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 16)), bool(config.get("use_rslora"))
+    bits = check_bits(config.get("bits"))
     found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets) and _layer_kind(m)]
     if not found:
         raise CodecConfigError(f"target_modules {targets!r} match no Linear, Conv1D or Embedding layer of the model.")
@@ -89,7 +97,7 @@ def inject_lora(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Paramete
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoraLayer(module, _layer_kind(module), r, alpha, rslora)
+        layer = LoraLayer(module, _layer_kind(module), r, alpha, rslora, bits)
         setattr(parent, child, layer)
         params += list(layer.factors())
     return params

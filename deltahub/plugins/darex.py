@@ -22,6 +22,13 @@ Deviation, labelled: the authors score −mean|h_last(pruned) − h_last(ft)| en
 score the sum of per-layer output changes for the actual stored masks (a first-order surrogate that ignores
 how errors propagate through nonlinearities). Layers without activations (embeddings, conv) do not vote.
 
+When to use ``q=auto``. Only where plain DARE at the chosen p loses accuracy (the paper's regime: DARE
+collapsing at p = 0.99 on large models). On the demo task DARE at p = 0.99 loses 0.7 points and every fitted
+q > 1−p costs accuracy (BENCHMARKS.md, fidelity): the per-layer objective does not see how DARE's unbiased
+noise cancels downstream. To have the choice checked end to end, use ``auto`` with a fidelity target and
+calibration: its darex candidates (q = 2(1−p)) compete with dare's and are kept only when the measured KL
+says so.
+
 Storage: the ``dare`` payload, with ``scale`` = fp32(1/q) as its own tensor and meta ``q`` (repr), apart
 from the unscaled values: re-tuning q rewrites 4 bytes and one meta field, never the values.
 """
