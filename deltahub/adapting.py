@@ -138,16 +138,28 @@ def _adapter_stats(kind: AdapterKind, imported: Imported, decoded: dict[str, tor
 
 
 def save_adapter(model: torch.nn.Module, *, kind: str = "lora", base: Any = None, codec: str = "dense",
-                 out: str | os.PathLike[str] | None = None, name: str | None = None, **params: Any) -> Artifact:
+                 out: str | os.PathLike[str] | None = None, name: str | None = None, whole: tuple[str, ...] = (),
+                 **params: Any) -> Artifact:
     """Store the adapter that ``kind.inject`` added to ``model`` as an artifact.
 
     ``base`` defaults to the model's own frozen weights (its state dict without the adapter's tensors,
-    ``base_layer.`` names undone), which is what the adapter was trained on.
+    ``base_layer.`` names undone), which is what the adapter was trained on. ``whole`` names state-dict
+    tensors trained whole beside the adapter (a new classification head), stored as they are.
+
+    Raises:
+        CheckpointError: a ``whole`` name is not in the model's state dict.
     """
+    from deltahub.errors import CheckpointError
+
     kind_obj = get_adapter(kind)
     tensors, config = kind_obj.native_tensors(model)
-    imported = Imported(config, tensors, kind_obj.targets(tensors, config))
+    state = {k.replace(".base_layer.", "."): v.detach() for k, v in model.state_dict().items()}
+    missing = [w for w in whole if w not in state]
+    if missing:
+        raise CheckpointError(f"whole={missing[0]!r} is not a tensor of the model; name state-dict keys, e.g. "
+                              f"{next(iter(state), '?')!r}.")
+    imported = Imported(config, tensors, kind_obj.targets(tensors, config), {w: state[w].clone() for w in whole})
     if base is None:
-        base = {k.replace(".base_layer.", "."): v.detach() for k, v in model.state_dict().items() if k not in tensors}
+        base = {k: v for k, v in state.items() if k not in tensors}
     return compress_adapter(kind_obj, imported, base=base, codec=codec, out=out, name=name,
                             provenance={"source": f"{type(model).__name__} with {kind} injected"}, **params)
