@@ -59,14 +59,41 @@ def export(artifact: Artifact | str | os.PathLike[str], out: str | os.PathLike[s
     kind = art.adapter_kind()
     with staging(Path(out), kind="output") as tmp:
         if kind is not None:
-            if kind.name != "lora":
-                raise CodecConfigError(f"Adapter kind {kind.name} has no PEFT form; only LoRA experts export to peft.")
-            kind.write_folder(tmp, art.native_tensors(), art.manifest.adapter.config, whole)
+            if kind.name == "lora":
+                kind.write_folder(tmp, art.native_tensors(), art.manifest.adapter.config, whole)
+            else:
+                _export_lowrank(kind, art, tmp, whole)
             report = ExportReport(Path(out), format, rel_error=float(art.manifest.stats.get("rel_error") or 0.0))
         else:
             report = _export_delta(art, tmp, whole, rank)
             report.path = Path(out)
     return report
+
+
+def _export_lowrank(kind: Any, art: Artifact, tmp: Path, whole: dict[str, torch.Tensor]) -> None:
+    """An adapter kind whose targets all materialize as ``LowRank`` (mos, 2-D flora) exported as the LoRA it
+    equals: A, B and scale per target (α = scale·r, so PEFT's α/r is the scale), exactly.
+
+    Raises:
+        CodecConfigError: some target is no plain low-rank weight delta (a convolution, an attached module).
+    """
+    from deltahub.adapters.lora import LoraAdapter
+    from deltahub.adapters.lora_layers import peft_config
+    from deltahub.kernels.layouts import LowRank
+
+    made = kind.materialize(art.native_tensors(), art.manifest.adapter.config)
+    bad = [n for n, r in made.items() if not isinstance(r, LowRank) or r.transposed]
+    if bad:
+        raise CodecConfigError(f"Adapter kind {kind.name}: target {bad[0]!r} is not a linear low-rank delta, so the "
+                               "expert has no PEFT LoRA form; serve it with deltahub instead.")
+    tensors, modules = {}, {}
+    for name, r in made.items():
+        module = name.removesuffix(".weight")
+        tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = r.A.float(), r.B.float()
+        modules[module] = {"layer": "linear", "r": r.rank, "alpha": r.scale * r.rank, "scale": r.scale}
+    peft = peft_config(modules)
+    peft["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in whole}) or None
+    LoraAdapter().write_folder(tmp, tensors, {"peft_config": peft}, whole)
 
 
 def _layer_of(name: str, shape: list[int], model_type: str | None) -> str | None:

@@ -114,6 +114,11 @@ def collect_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
                                                                                             ".lora_B.weight")
             tensors[name + suffix[0]], tensors[name + suffix[1]] = A, B
             modules[name] = {"layer": m.kind, "r": m.r, "alpha": m.alpha, "scale": m.scaling}
+    return tensors, {"peft_config": peft_config(modules), "modules": dict(sorted(modules.items()))}
+
+
+def peft_config(modules: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A PEFT ``adapter_config.json`` for LoRA modules ``{name: {layer, r, alpha, scale}}``."""
     ranks = {m["r"] for m in modules.values()}
     r = max(ranks) if ranks else 8
     alpha = next((m["alpha"] for m in modules.values() if m["r"] == r), 16.0)
@@ -124,4 +129,4 @@ def collect_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
             "fan_in_fan_out": any(m["layer"] == "conv1d" for m in modules.values()), "bias": "none",
             "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True, "lora_dropout": 0.0,
             "task_type": None}
-    return tensors, {"peft_config": peft, "modules": dict(sorted(modules.items()))}
+    return peft
