@@ -53,12 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import polarity_task as task
+import torch
+from safetensors.torch import load_file
 
-import deltahub  # noqa: E402
-import polarity_task as task  # noqa: E402
-from deltahub.artifact import Artifact  # noqa: E402
+import deltahub
+from deltahub.artifact import Artifact
 
 HERE = Path(__file__).resolve().parent
 JSON_OUT = HERE / "fidelity.json"
@@ -366,8 +366,8 @@ def compare_auto(rows: list[dict], ft_acc: float) -> dict:
     """
     singles = [r for r in rows if r["codec"] != "auto"]
     autos = [r for r in rows if r["codec"] == "auto"]
-    near = lambda pool: [r for r in pool if r["accuracy"] >= ft_acc - EQUAL_ACC_TOL]  # noqa: E731
-    smallest = lambda pool: min(pool, key=lambda r: r["bits_per_param"]) if pool else None  # noqa: E731
+    near = lambda pool: [r for r in pool if r["accuracy"] >= ft_acc - EQUAL_ACC_TOL]
+    smallest = lambda pool: min(pool, key=lambda r: r["bits_per_param"]) if pool else None
     best_single, best_auto = smallest(near(singles)), smallest(near(autos))
     out: dict = {"target": {
         "smallest_single_within_tol": _brief(best_single), "smallest_auto_within_tol": _brief(best_auto),
@@ -402,9 +402,9 @@ def auto_summary(results: dict) -> str:
     """Plain-text lines of the auto comparison (also printed by the script)."""
     c = results["auto_comparison"]
     t = c["target"]
-    fmt = lambda r: f"{r['label']} ({r['bits_per_param']:.3f} bpp, {r['accuracy']:.4f})" if r else "none"  # noqa: E731
-    lines = [f"within {EQUAL_ACC_TOL} of the fine-tune: smallest single {fmt(t['smallest_single_within_tol'])}, "
-             f"smallest auto {fmt(t['smallest_auto_within_tol'])}; auto smaller: {t['met']}"]
+    fmt = lambda r: f"{r['label']} ({r['bits_per_param']:.3f} bpp, {r['accuracy']:.4f})" if r else "none"
+    lines = [(f"within {EQUAL_ACC_TOL} of the fine-tune: smallest single {fmt(t['smallest_single_within_tol'])}, "
+              f"smallest auto {fmt(t['smallest_auto_within_tol'])}; auto smaller: {t['met']}")]
     if "default" in c:
         lines.append(f"default: {fmt(c['default']['auto'])} dominated by single defaults: "
                      f"{', '.join(c['default']['dominated_by']) or '-'}")

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-
 _GRAD_STACK = 1 << 26  # per-text gradients of one weight kept at once: at most 256 MB of fp32
 
 

@@ -25,9 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-import polarity_task as task  # noqa: E402
+import polarity_task as task
+import torch
 
 TARGETS = ["query", "key", "value", "dense"]
 DEFAULTS = {"lora": {"r": 8, "lora_alpha": 16}, "mos": {"r": 6, "v": 2, "p": 1, "c": 2, "lora_alpha": 12}}  # r − p ≤ (v − p)·L: 6 layers

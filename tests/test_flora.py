@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import deltahub
 from deltahub.adapter import get_adapter
 from deltahub.adapters.flora import tucker_delta
 from deltahub.adapting import save_adapter
+from deltahub.cli import cli
 from deltahub.testing import AdapterContract
 
 
 class TestFloraContract(AdapterContract):
     kind_name = "flora"
-    config = {"target_modules": ["proj", "out"], "r": 3, "scale": 2.0}
+    config: ClassVar[dict] = {"target_modules": ["proj", "out"], "r": 3, "scale": 2.0}
 
 
 class Convs(nn.Module):
@@ -82,3 +85,30 @@ def test_lowrank_kinds_export_as_peft_lora(kind: str, tmp_path: Path) -> None:
 def test_flora_kind_is_mergeable_like_lora() -> None:
     made = get_adapter("flora").materialize(*get_adapter("flora").native_tensors(TestFloraContract().trained()[1]))
     assert made and all(type(r).__name__ == "LowRank" for r in made.values())
+
+
+@pytest.mark.parametrize("kind", ["flora", "mos"])
+def test_expert_pool_serves_the_new_kinds_routed_and_merged(kind: str, tmp_path: Path) -> None:
+    from deltahub import ExpertPool
+
+    if kind == "flora":
+        base, model = TestFloraContract().trained()
+        x = torch.randint(0, 23, (3, 7), generator=torch.Generator().manual_seed(5))
+    else:
+        from test_mos import TestMosContract
+
+        base, model = TestMosContract().trained()
+        x = torch.randint(0, 23, (3, 7), generator=torch.Generator().manual_seed(5))
+    save_adapter(model, kind=kind, out=tmp_path / "a")
+    pool = ExpertPool(base)
+    pool.add("x", tmp_path / "a")
+    with torch.no_grad():
+        want, plain = model(x), base(x)
+        with pool.route(["x", None, "x"]):
+            got = base(x)
+        assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[2], want[2], atol=1e-5)
+        assert torch.allclose(got[1], plain[1], atol=1e-6)
+        pool.activate("x")
+        assert torch.allclose(base(x), want, atol=1e-5)
+    out = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")])
+    assert out.exit_code == 0 and f"adapter       {kind} v1" in out.output
