@@ -128,31 +128,24 @@ class AutoCodec(Codec):
 
     def _search(self, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor], sens: Any, kind: str,
                 value: float, max_checks: int, stats: dict[str, Any]) -> dict[str, int]:
-        """The fewest bits whose measured figure meets the target: bisection on log λ from the Fisher guess."""
+        """The fewest bits whose measured figure meets the target. Two bisections on log λ, each checked end to
+        end: the Fisher allocation (started at the λ its prediction says meets the target) and the heuristic
+        one (started at the Fisher result's size); the smaller allocation that meets the target wins."""
         def meets(m: dict[str, float]) -> bool:
             return m["kl"] <= value if kind == "max_kl" else m["agreement"] >= value
 
-        guess_kl = value if kind == "max_kl" else 1e-3
-        lam, lo, hi, best, steps = sel.lambda_for_score(table, 2 * sens.outputs * guess_kl), None, None, None, []
-        for _ in range(max_checks):
-            choice = sel.allocate(table, lam)
-            m = _measure(sens, table, kept, choice)
-            bits = sel.total(table, choice)
-            steps.append({"lambda": lam, "bits": bits, **m})
-            if meets(m):
-                lo = lam
-                if best is None or bits < best[0]:
-                    best = (bits, choice, m)
-            else:
-                hi = lam
-            if lo is not None and hi is not None and hi / lo < 1.25:
-                break
-            lam = lam * 16 if hi is None else lam / 16 if lo is None else math.sqrt(lo * hi)
-        if best is None:  # nothing tried met it: the most faithful allocation (exact tensors: KL 0)
+        guess = sel.lambda_for_score(table, 2 * sens.outputs * (value if kind == "max_kl" else 1e-3))
+        fisher, f_steps = _bisect(sens, table, kept, meets, "score", guess, max_checks)
+        size = fisher[0] if fisher else sel.total(table, sel.allocate(table, guess))
+        heur, h_steps = _bisect(sens, table, kept, meets, "alt", sel.fit_bits(table, size, "alt")[0], max_checks)
+        found = [(b, n) for b, n in ((fisher, "fisher"), (heur, "heuristic")) if b is not None]
+        if found:
+            best, stats["allocation"] = min(found, key=lambda f: f[0][0])
+        else:  # nothing tried met it: the most faithful allocation (exact tensors: KL 0)
             choice = sel.allocate(table, 0.0)
-            m = _measure(sens, table, kept, choice)
-            best = (sel.total(table, choice), choice, m)
-        stats["search"], stats["measured"], stats["met"] = steps, best[2], meets(best[2])
+            best, stats["allocation"] = (sel.total(table, choice), choice, _measure(sens, table, kept, choice)), "exact"
+        stats["search"] = {"fisher": f_steps, "heuristic": h_steps}
+        stats["measured"], stats["met"] = best[2], meets(best[2])
         return best[1]
 
     def encode(self, delta: torch.Tensor, config: AutoConfig, stats: Mapping[str, Any] | None = None, *,
@@ -205,6 +198,29 @@ def _sensitivity(config: AutoConfig, kind: str, calibration: Any) -> Any:
     if not usable or config.objective in ("heuristic", "weight"):
         return None
     return calibration.sensitivity()
+
+
+def _bisect(sens: Any, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor], meets: Any, key: str,
+            lam: float, max_checks: int) -> tuple[tuple[float, dict[str, int], dict[str, float]] | None, list[dict]]:
+    """Bisection on log λ of the allocation by ``key`` for the fewest bits whose measured figure ``meets``:
+    ×16 steps until the target is bracketed, then halving the bracket (in log λ) to a 1.25 ratio."""
+    lo = hi = best = None
+    steps: list[dict] = []
+    for _ in range(max_checks):
+        choice = sel.allocate(table, lam, key)
+        m = _measure(sens, table, kept, choice)
+        bits = sel.total(table, choice)
+        steps.append({"lambda": lam, "bits": bits, **m})
+        if meets(m):
+            lo = lam
+            if best is None or bits < best[0]:
+                best = (bits, choice, m)
+        else:
+            hi = lam
+        if lo is not None and hi is not None and hi / lo < 1.25:
+            break
+        lam = lam * 16 if hi is None else lam / 16 if lo is None else math.sqrt(lo * hi)
+    return best, steps
 
 
 def _better_measured(sens: Any, table: dict[str, list[sel.Trial]], kept: dict[str, torch.Tensor],
