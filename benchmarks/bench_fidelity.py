@@ -344,7 +344,8 @@ def measure(codec, params, label, out, ft_dir, base_dir, base_sd, test, tokenize
 
 def _small(fit_stats: dict) -> dict:
     """Scalar fit statistics only (drop per-tensor tables)."""
-    return {k: v for k, v in (fit_stats or {}).items() if isinstance(v, (int, float, str, bool))}
+    keep = ("measured", "target", "search")  # auto's end-to-end figures
+    return {k: v for k, v in (fit_stats or {}).items() if isinstance(v, (int, float, str, bool)) or k in keep}
 
 
 # each codec at its default options (darex's default q=auto is calibrated): what `auto`'s default must match

@@ -110,16 +110,24 @@ class BinaryCodec(Codec):
 
     def encode(self, delta: torch.Tensor, config: BinaryConfig, stats: Mapping[str, Any] | None = None, *,
                name: str = "") -> Encoded:
+        return self.encode_grid(delta, [config], name=name)[0]
+
+    def encode_grid(self, delta: torch.Tensor, configs: list[CodecConfig], *, name: str = "") -> list[Encoded]:
+        """μ, σ and w − μ (fp64) once for every bit width: they do not depend on b."""
         flat = delta.double().reshape(-1)
         n = flat.numel()
         mu = torch.tensor([float(flat.mean()) if n else 0.0], dtype=torch.float32)
         sigma = torch.tensor([float(flat.std()) if n > 1 else 0.0], dtype=torch.float32)
-        levels = codebook(config.bits, config.levels)
-        thresholds = (levels[1:] + levels[:-1]) / 2 * float(sigma)
-        # searchsorted(right=False): an entry equal to a threshold takes the lower code
-        codes = torch.searchsorted(thresholds, (flat - float(mu)).contiguous(), right=False)
-        return Encoded({"codes": pack_codes(codes, config.bits), "mu": mu, "sigma": sigma},
-                       {"bits": str(config.bits), "levels": config.levels})
+        centred = (flat - float(mu)).contiguous()
+        out = []
+        for config in configs:
+            levels = codebook(config.bits, config.levels)
+            thresholds = (levels[1:] + levels[:-1]) / 2 * float(sigma)
+            # searchsorted(right=False): an entry equal to a threshold takes the lower code
+            codes = torch.searchsorted(thresholds, centred, right=False)
+            out.append(Encoded({"codes": pack_codes(codes, config.bits), "mu": mu.clone(), "sigma": sigma.clone()},
+                               {"bits": str(config.bits), "levels": config.levels}))
+        return out
 
     def _parts(self, enc: Encoded, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(codes int64, fp32 lookup table σ·ℓ, fp32 μ of one element, bits), validated."""
