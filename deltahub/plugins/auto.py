@@ -56,7 +56,7 @@ class AutoConfig(CodecConfig):
     objective: Literal["auto", "fisher", "heuristic", "weight"] = "auto"
     """Distortion: fisher (calibrated output sensitivity), heuristic (noise-aware weight error), weight."""
     max_checks: int = Field(10, ge=1, le=50)
-    """End-to-end runs of the calibration texts a fidelity target may take."""
+    """End-to-end runs of the calibration texts per searched allocation (a fidelity target searches two)."""
 
     @model_validator(mode="after")
     def _one_target(self) -> AutoConfig:
