@@ -33,6 +33,7 @@ ROWS = [
     ("lora r=2 (MoS's budget)", "lora", {"r": 2, "lora_alpha": 4}, None, None),
     ("mos r=6 v=2 p=1 c=2", "mos", {}, None, None),
     ("flora r=8", "flora", {"r": 8, "scale": 2.0}, None, None),
+    ("compacter n=4 reduction=32 (lr 3e-3)", "compacter", {"lr": 3e-3}, None, None),  # the paper's lr
     ("lora r=8 1-bit PTQ", "lora", {"r": 8, "lora_alpha": 16}, None, 1),
     ("lora r=8 1-bit QAT", "lora", {"r": 8, "lora_alpha": 16}, 1, 1),
     ("mos 1-bit PTQ", "mos", {}, None, 1),
@@ -44,12 +45,14 @@ def run_row(label: str, kind: str, cfg: dict, qat: int | None, store_bits: int |
             work: Path) -> dict:
     import deltahub
 
-    model, m = ex.train(kind, bits=qat, steps=steps, config=cfg)
+    cfg = dict(cfg)
+    lr = cfg.pop("lr", 1e-3)
+    model, m = ex.train(kind, bits=qat, steps=steps, lr=lr, config=cfg)
     out = work / label.replace(" ", "_").replace("=", "-").replace("(", "").replace(")", "").replace("'", "")
     art = ex.store(model, kind, out, bits=store_bits)
     disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     fresh = ex.task._init_classifier(seed=123)
-    deltahub.apply(deltahub.load(out), fresh)
+    ex.load_into(out, fresh)
     _, test = ex.task.load_dataset(seed=0)
     acc = ex.task.evaluate(fresh, test, tokenizer=ex.task._tokenizer())
     native = sum(e.stored_bytes() for e in art.manifest.tensors if e.op == "native")

@@ -26,6 +26,7 @@ _LAZY = {
     "register_codec": "deltahub.codecs",
     "Registry": "deltahub.registry",
     "save_adapter": "deltahub.adapting",
+    "attach": "deltahub.adapting",
     "compress_adapter": "deltahub.adapting",
     "export": "deltahub.exporting",
     "AdapterKind": "deltahub.adapter",
@@ -39,7 +40,7 @@ __all__ = ["__version__", "load", *_LAZY, *[n for n in vars(_errors) if n.endswi
 
 if TYPE_CHECKING:
     from deltahub.adapter import AdapterKind, get_adapter, register_adapter
-    from deltahub.adapting import compress_adapter, save_adapter
+    from deltahub.adapting import attach, compress_adapter, save_adapter
     from deltahub.applying import apply
     from deltahub.artifact import Artifact
     from deltahub.codecs import Codec, CodecConfig, Encoded, available_codecs, get_codec, register_codec

@@ -137,6 +137,40 @@ def _adapter_stats(kind: AdapterKind, imported: Imported, decoded: dict[str, tor
     return stats
 
 
+def attach(artifact: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Attach an adapter artifact whose kind is not a weight delta (Compacter) to ``model``, in place: each
+    target module is wrapped so the adapter runs on its output; the artifact's whole tensors (a head) are loaded.
+
+    Raises:
+        NotMergeableError: the artifact is a weight delta (use ``deltahub.apply``).
+        BaseMismatchError: a target module is missing from ``model`` or has another weight shape.
+    """
+    from deltahub.adapters.compacter import Attached
+    from deltahub.errors import NotMergeableError
+
+    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    kind = art.adapter_kind()
+    made = kind.materialize(art.native_tensors(), art.manifest.adapter.config) if kind is not None else {}
+    if not made or not all(isinstance(m, torch.nn.Module) for m in made.values()):
+        raise NotMergeableError(f"{art.name!r} is a weight delta, not an adapter to attach: use deltahub.apply.")
+    modules = dict(model.named_modules())
+    shapes = {t.name: tuple(t.shape) for t in art.terms()}
+    for weight, adapter in made.items():
+        name = weight.removesuffix(".weight")
+        mod = modules.get(name)
+        if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != shapes[weight]:
+            raise BaseMismatchError(f"The model has no module {name!r} of weight shape {list(shapes[weight])} for "
+                                    f"{art.name!r}'s adapter; attach it to the model it was trained on.")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, Attached(mod, adapter))
+    state = model.state_dict()
+    with torch.no_grad():
+        for t in art.terms():
+            if t.op == "replace" and t.name in state:
+                state[t.name].copy_(art.decode_tensor(t.entry))
+    return model
+
+
 def save_adapter(model: torch.nn.Module, *, kind: str = "lora", base: Any = None, codec: str = "dense",
                  out: str | os.PathLike[str] | None = None, name: str | None = None, whole: tuple[str, ...] = (),
                  **params: Any) -> Artifact:

@@ -240,10 +240,18 @@ class Artifact:
         if term.entry is not None:
             return self.resident(term.entry, device=device)
         if self._materialized is None:
+            import torch
+
             from deltahub.kernels.layouts import LAYOUTS
 
             made = self.adapter_kind().materialize(self.native_tensors(), self.manifest.adapter.config)
             for name, res in made.items():
+                if isinstance(res, torch.nn.Module):
+                    from deltahub.errors import NotMergeableError
+
+                    raise NotMergeableError(f"{self.name!r} is a {self.manifest.kind} adapter, which has a "
+                                            "nonlinearity and no weight delta: attach it with "
+                                            "deltahub.attach(artifact, model) instead of merging it.")
                 try:
                     if not isinstance(res, LAYOUTS):
                         raise ValueError(f"it is a {type(res).__name__} to attach, not a weight delta; attach it "

@@ -146,5 +146,9 @@ class MergeError(DeltaHubError, ValueError):
     """A merge that cannot be made as asked (method, options, weights, or its inputs)."""
 
 
+class NotMergeableError(DeltaHubError, ValueError):
+    """An adapter with a nonlinearity (Compacter) cannot become a weight delta: attach it to the model instead."""
+
+
 class UnservableExpertError(DeltaHubError, ValueError):
     """An expert changes the model's structure (a new or reshaped tensor), which a pool cannot serve in place."""

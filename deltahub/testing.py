@@ -336,6 +336,18 @@ class AdapterContract:
         targets = kind.targets(tensors, config)
         assert {k for t in targets for k in t.tensors} <= set(tensors)
         made = kind.materialize(tensors, config)
+        if all(isinstance(r, torch.nn.Module) for r in made.values()):  # a nonlinear kind: attached, not merged
+            from deltahub.adapters.compacter import Attached
+
+            for t in targets:
+                name = t.weight.removesuffix(".weight")
+                parent, _, child = name.rpartition(".")
+                mod = base.get_submodule(name)
+                assert tuple(mod.weight.shape) == tuple(t.shape)
+                setattr(base.get_submodule(parent) if parent else base, child, Attached(mod, made[t.weight]))
+            x = self.inputs()
+            assert torch.allclose(base(x), model(x), rtol=1e-4, atol=1e-5)
+            return
         sd = {k: v.clone() for k, v in base.state_dict().items()}
         for t in targets:
             res = made[t.weight]
@@ -353,7 +365,10 @@ class AdapterContract:
         art = save_adapter(model, kind=self.kind_name, out=tmp_path / "adapter")
         again = deltahub.load(tmp_path / "adapter")
         assert again.id == art.id and again.manifest.kind == self.kind_name
-        merged = deltahub.apply(again, base.state_dict())
-        base.load_state_dict(merged)
+        try:
+            merged = deltahub.apply(again, base.state_dict())
+            base.load_state_dict(merged)
+        except deltahub.NotMergeableError:  # a nonlinear kind: the attach path
+            deltahub.attach(again, base)
         x = self.inputs()
         assert torch.allclose(base(x), model(x), rtol=1e-4, atol=1e-5)

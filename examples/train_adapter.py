@@ -29,7 +29,8 @@ import polarity_task as task
 import torch
 
 TARGETS = ["query", "key", "value", "dense"]
-DEFAULTS = {"lora": {"r": 8, "lora_alpha": 16}, "mos": {"r": 6, "v": 2, "p": 1, "c": 2, "lora_alpha": 12}}  # r − p ≤ (v − p)·L: 6 layers
+DEFAULTS = {"compacter": {"target_modules": ["output.dense"], "n": 4, "reduction": 32},  # attention + FFN outputs
+            "lora": {"r": 8, "lora_alpha": 16}, "mos": {"r": 6, "v": 2, "p": 1, "c": 2, "lora_alpha": 12}}  # r − p ≤ (v − p)·L: 6 layers
 HEAD = ("classifier.weight", "classifier.bias")
 
 
@@ -77,8 +78,19 @@ def reload_outputs(art_dir: Path, test: list) -> torch.Tensor:
     import deltahub
 
     fresh = task._init_classifier(seed=123)  # another head init: the artifact must bring its own
-    deltahub.apply(deltahub.load(art_dir), fresh)
+    load_into(art_dir, fresh)
     return logits(fresh, test)
+
+
+def load_into(art_dir: Path, model: torch.nn.Module) -> None:
+    """Merge the artifact into ``model``, or attach it where the kind is not a weight delta (Compacter)."""
+    import deltahub
+
+    art = deltahub.load(art_dir)
+    try:
+        deltahub.apply(art, model)
+    except deltahub.NotMergeableError:
+        deltahub.attach(art, model)
 
 
 def logits(model: torch.nn.Module, test: list) -> torch.Tensor:

@@ -32,10 +32,12 @@ def _example(name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "bits"), [("mos", None), ("lora", 1), ("mos", 1)])
+@pytest.mark.parametrize(("kind", "bits"), [("mos", None), ("lora", 1), ("mos", 1), ("flora", None),
+                                            ("compacter", None)])
 def test_train_store_push_pull_reload(kind: str, bits: int | None, tmp_path: Path) -> None:
     ex = _example("train_adapter")
-    model, m = ex.train(kind, bits=bits, steps=30, lr=5e-3, config={"target_modules": ["query", "value"]})
+    targets = ["output.dense"] if kind == "compacter" else ["query", "value"]
+    model, m = ex.train(kind, bits=bits, steps=30, lr=5e-3, config={"target_modules": targets})
     assert m["loss_after"] < m["loss_before"] - 0.05
     art = ex.store(model, kind, tmp_path / "a", bits=bits)
     assert art.manifest.kind == kind and art.manifest.adapter.config["modules"]

@@ -1,0 +1,79 @@
+"""The ``compacter`` adapter kind: PHM math, one shared rule, the attach path, and merging refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import deltahub
+from deltahub.adapter import get_adapter
+from deltahub.adapters.compacter import phm_weight
+from deltahub.adapting import save_adapter
+from deltahub.testing import AdapterContract
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(23, 16)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"ffn": nn.Linear(16, 16)}) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + torch.tanh(b["ffn"](h))
+        return self.head(h).mean(1)
+
+
+class TestCompacterContract(AdapterContract):
+    kind_name = "compacter"
+    config: ClassVar[dict] = {"target_modules": ["ffn"], "n": 4, "reduction": 2}
+
+    def make_model(self) -> nn.Module:
+        return Net()
+
+
+def test_phm_weight_is_a_sum_of_kronecker_products() -> None:
+    g = torch.Generator().manual_seed(0)
+    rule, s, t = torch.randn(4, 4, 4, generator=g), torch.randn(4, 3, 1, generator=g), torch.randn(4, 1, 2, generator=g)
+    want = sum(torch.kron(rule[i], s[i] @ t[i]) for i in range(4))
+    assert torch.allclose(phm_weight(rule, s, t), want, atol=1e-5)
+    assert torch.linalg.matrix_rank(want) <= 16  # rank(H) ≤ n² for rank-1 B_i
+
+
+def test_one_rule_is_shared_and_stored_once(tmp_path: Path) -> None:
+    base, model = TestCompacterContract().trained()
+    rules = {id(m.compacter._rule) for m in model.modules() if hasattr(m, "compacter") and hasattr(m, "base_layer")}
+    assert len(rules) == 1
+    art = save_adapter(model, kind="compacter", out=tmp_path / "a")
+    assert sum(1 for e in art.manifest.tensors if e.name.endswith("rule")) == 1
+    params = get_adapter("compacter").inject(Net(), {"target_modules": ["ffn"], "n": 4, "reduction": 2})
+    # per adapter: n·(in/n + out/n) factor floats per PHM layer + biases; one n³ rule
+    assert sum(p.numel() for p in params) == 4 ** 3 + 2 * (2 * 4 * (4 + 2) + 8 + 16)
+
+
+def test_apply_refuses_and_points_to_attach(tmp_path: Path) -> None:
+    base, model = TestCompacterContract().trained()
+    save_adapter(model, kind="compacter", out=tmp_path / "a")
+    with pytest.raises(deltahub.NotMergeableError, match=r"attach it with deltahub.attach\(artifact, model\)"):
+        deltahub.apply(tmp_path / "a", base.state_dict())
+    pool = deltahub.ExpertPool(base)
+    with pytest.raises(deltahub.NotMergeableError):
+        pool.add("c", tmp_path / "a")
+    x = torch.randint(0, 23, (3, 5))
+    deltahub.attach(tmp_path / "a", base)
+    with torch.no_grad():
+        assert torch.allclose(base(x), model(x), atol=1e-5)
+
+
+def test_attach_refuses_another_model(tmp_path: Path) -> None:
+    _, model = TestCompacterContract().trained()
+    save_adapter(model, kind="compacter", out=tmp_path / "a")
+    with pytest.raises(deltahub.BaseMismatchError, match="attach it to the model it was trained on"):
+        deltahub.attach(tmp_path / "a", nn.Sequential(nn.Linear(4, 4)))
