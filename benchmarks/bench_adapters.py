@@ -43,8 +43,6 @@ ROWS = [
 
 def run_row(label: str, kind: str, cfg: dict, qat: int | None, store_bits: int | None, steps: int,
             work: Path) -> dict:
-    import deltahub
-
     cfg = dict(cfg)
     lr = cfg.pop("lr", 1e-3)
     model, m = ex.train(kind, bits=qat, steps=steps, lr=lr, config=cfg)

@@ -75,8 +75,6 @@ def store(model: torch.nn.Module, kind: str, out: Path, *, bits: int | None = No
 
 def reload_outputs(art_dir: Path, test: list) -> torch.Tensor:
     """Logits of a fresh base classifier with the artifact applied (what a user of the pulled expert gets)."""
-    import deltahub
-
     fresh = task._init_classifier(seed=123)  # another head init: the artifact must bring its own
     load_into(art_dir, fresh)
     return logits(fresh, test)

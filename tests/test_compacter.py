@@ -48,7 +48,7 @@ def test_phm_weight_is_a_sum_of_kronecker_products() -> None:
 
 
 def test_one_rule_is_shared_and_stored_once(tmp_path: Path) -> None:
-    base, model = TestCompacterContract().trained()
+    _, model = TestCompacterContract().trained()
     rules = {id(m.compacter._rule) for m in model.modules() if hasattr(m, "compacter") and hasattr(m, "base_layer")}
     assert len(rules) == 1
     art = save_adapter(model, kind="compacter", out=tmp_path / "a")
