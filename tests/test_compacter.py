@@ -77,3 +77,17 @@ def test_attach_refuses_another_model(tmp_path: Path) -> None:
     save_adapter(model, kind="compacter", out=tmp_path / "a")
     with pytest.raises(deltahub.BaseMismatchError, match="attach it to the model it was trained on"):
         deltahub.attach(tmp_path / "a", nn.Sequential(nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("kind", ["lora", "mos", "flora", "compacter"])
+def test_one_call_inject_for_every_kind(kind: str) -> None:
+    import deltahub.adapters
+
+    cfg = {"target_modules": ["ffn"], "r": 2, "v": 2, "p": 2, "c": 2, "n": 4, "reduction": 2}
+    cfg = {k: v for k, v in cfg.items() if k in {"lora": ("target_modules", "r"), "mos": ("target_modules", "r", "v",
+           "p", "c"), "flora": ("target_modules", "r"), "compacter": ("target_modules", "n", "reduction")}[kind]}
+    model = Net()
+    params = deltahub.adapters.inject(model, kind, cfg)
+    assert params and {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
+    with pytest.raises(deltahub.AdapterNotFoundError):
+        deltahub.adapters.inject(Net(), kind + "x", cfg)
