@@ -231,27 +231,25 @@ class Artifact:
         """The adapter's own tensors, decoded, in their stored dtypes (empty for a delta)."""
         return {e.name: self.decode_tensor(e) for e in self.manifest.tensors if e.op == "native"}
 
-    def term_resident(self, term: Term, *, device: Any = "cpu") -> Any:
-        """The resident layout of an ``add`` term on ``device``.
+    def term_resident(self, term: Term, *, device: Any = "cpu", attach: bool = False) -> Any:
+        """The resident layout of an ``add`` term on ``device`` (with ``attach``, a nonlinear kind's module to
+        run on the target's output: the ExpertPool's on-the-fly mode).
 
         Raises:
+            NotMergeableError: a nonlinear kind (Compacter) without ``attach``.
             IntegrityError: the payload does not decode, or the adapter materializes an inconsistent layout.
         """
         if term.entry is not None:
             return self.resident(term.entry, device=device)
-        if self._materialized is None:
-            import torch
+        import torch
 
+        if self._materialized is None:
             from deltahub.kernels.layouts import LAYOUTS
 
             made = self.adapter_kind().materialize(self.native_tensors(), self.manifest.adapter.config)
             for name, res in made.items():
                 if isinstance(res, torch.nn.Module):
-                    from deltahub.errors import NotMergeableError
-
-                    raise NotMergeableError(f"{self.name!r} is a {self.manifest.kind} adapter, which has a "
-                                            "nonlinearity and no weight delta: attach it with "
-                                            "deltahub.attach(artifact, model) instead of merging it.")
+                    continue  # checked below: only the attach path takes it
                 try:
                     if not isinstance(res, LAYOUTS):
                         raise ValueError(f"it is a {type(res).__name__} to attach, not a weight delta; attach it "
@@ -261,6 +259,14 @@ class Artifact:
                     raise IntegrityError(f"Adapter target {name!r} of {self.name!r}: {exc}.") from None
             self._materialized = made
         res = self._materialized.get(term.name)
+        if isinstance(res, torch.nn.Module):
+            if attach:
+                return res.to(device)
+            from deltahub.errors import NotMergeableError
+
+            raise NotMergeableError(f"{self.name!r} is a {self.manifest.kind} adapter, which has a nonlinearity and "
+                                    "no weight delta: attach it with deltahub.attach(artifact, model) instead of "
+                                    "merging it (an ExpertPool serves it with pool.route).")
         if res is None or tuple(res.shape) != tuple(term.shape):
             raise IntegrityError(f"Adapter kind {self.manifest.kind} gave no {list(term.shape)} delta for "
                                  f"{term.name!r}; the artifact is corrupt.")

@@ -63,10 +63,21 @@ def test_apply_refuses_and_points_to_attach(tmp_path: Path) -> None:
     save_adapter(model, kind="compacter", out=tmp_path / "a")
     with pytest.raises(deltahub.NotMergeableError, match=r"attach it with deltahub.attach\(artifact, model\)"):
         deltahub.apply(tmp_path / "a", base.state_dict())
-    pool = deltahub.ExpertPool(base)
-    with pytest.raises(deltahub.NotMergeableError):
-        pool.add("c", tmp_path / "a")
     x = torch.randint(0, 23, (3, 5))
+    pool = deltahub.ExpertPool(base)
+    pool.add("c", tmp_path / "a")
+    with torch.no_grad():
+        want, plain = model(x), base(x)
+        with pool.route(["c", None, "c"]):
+            got = base(x)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[2], want[2], atol=1e-5)
+    assert torch.equal(got[1], plain[1])
+    with pytest.raises(deltahub.NotMergeableError, match=r"serve it on the fly \(pool.route\)"):
+        pool.activate("c")
+    assert pool.active is None
+    with torch.no_grad():
+        assert torch.equal(base(x), plain)  # nothing merged
+    pool.close()
     deltahub.attach(tmp_path / "a", base)
     with torch.no_grad():
         assert torch.allclose(base(x), model(x), atol=1e-5)

@@ -11,8 +11,9 @@ module's output h is h + up(GELU_tanh(down(h))) with down: d → d/reduction and
 (``attention.output.dense``) for Compacter. Init: s, t Glorot-uniform (gain √2), the rule normal with σ = 0.01
 (the reference's N(0, 1e-4) read as a variance), biases zero.
 
-It is not a weight delta (the GELU): it materializes as an ``nn.Module`` to attach (``deltahub.attach``);
-``apply`` and merged serving refuse it with :class:`~deltahub.errors.NotMergeableError`.
+It is not a weight delta (the GELU): it materializes as an ``nn.Module`` to attach (``deltahub.attach``), which
+the ExpertPool runs on the routed rows' module output (``pool.route``); ``apply`` and ``pool.activate`` refuse
+it with :class:`~deltahub.errors.NotMergeableError`.
 
 Storage (native): ``compacter.rule`` (n, n, n) once; per module ``<module>.compacter.{down,up}_{s,t,b}``.
 ``adapter.config``: n, reduction and per module its width d.

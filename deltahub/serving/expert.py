@@ -24,6 +24,8 @@ from deltahub.serving.binding import Change
 def _bytes(x: Any) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
+    if isinstance(x, torch.nn.Module):  # an attached adapter (its shared tensors counted once per module)
+        return sum(_bytes(t) for t in {id(t): t for t in (*x.parameters(), *x.buffers())}.values())
     return int(x.nbytes()) if x is not None else 0
 
 
@@ -42,6 +44,7 @@ class Version:
     last_used: float = field(default_factory=time.monotonic)
     residents: dict[str, Any] | None = None  # slot name -> layout (add) or the new tensor (replace)
     extras: dict[tuple[str, str], Any] = field(default_factory=dict)  # (slot, use) -> on-the-fly form
+    attached: bool = False  # a nonlinear adapter (Compacter): on-the-fly mode only
 
     @property
     def loaded(self) -> bool:
@@ -63,12 +66,13 @@ class Version:
         if self.residents is None:
             res: dict[str, Any] = {}
             for ch in self.changes:
-                if ch.op == "add":
-                    res[ch.slot.name] = self.artifact.term_resident(ch.term, device=self.device)
+                if ch.op == "add":  # attach: a nonlinear kind's module, served on the fly only
+                    res[ch.slot.name] = self.artifact.term_resident(ch.term, device=self.device, attach=True)
                 else:
                     new = self.artifact.decode_tensor(ch.term.entry)
                     res[ch.slot.name] = new.to(device=self.device, dtype=ch.slot.tensor.dtype)
             self.residents = res
+            self.attached = any(isinstance(r, torch.nn.Module) for r in res.values())
         self.last_used = time.monotonic()
         return self.nbytes
 
@@ -106,6 +110,8 @@ class Version:
         ch = next(c for c in self.changes if c.slot.name == slot_name)
         r = self.residents[slot_name]
         w0 = ch.slot.tensor
+        if isinstance(r, torch.nn.Module):
+            return None  # attached: the module itself serves, on the module's output
         if use == "other":
             if ch.op == "replace":
                 return None

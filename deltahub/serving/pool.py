@@ -316,6 +316,11 @@ class ExpertPool:
 
     def _switch(self, target: Version | None, alpha: float) -> None:
         """W ← W₀ + α·Δ_target on its slots, W ← W₀ on the slots the previous expert left changed."""
+        if target is not None and target.attached:
+            from deltahub.errors import NotMergeableError
+
+            raise NotMergeableError(f"Expert {target.name!r} is a {target.artifact.manifest.kind} adapter, which has "
+                                    "no weight delta to merge: serve it on the fly (pool.route), not pool.activate.")
         new = {ch.slot.name: ch.slot for ch in target.changes} if target is not None else {}
         if target is not None:
             target.leases += 1  # not evicted while its copies are made

@@ -8,7 +8,8 @@ runs with no per-call cost. Per module and use (see :data:`deltahub.serving.bind
 - ``embedding``: y_i = round(y_i + Δ_e[ids_i]) from the packed rows, bit-exact with the merged lookup;
 - ``bias``: y_i += Δb_e;
 - ``other`` (LayerNorm and RMSNorm weights, anything else): the module is run again on expert e's rows with
-  its merged parameters (a shallow copy that reads them), which is exact and cheap for these small modules.
+  its merged parameters (a shallow copy that reads them), which is exact and cheap for these small modules;
+- ``attached`` (a nonlinear adapter, Compacter): y_i = adapter_e(y_i), after every additive term.
 """
 
 from __future__ import annotations
@@ -130,6 +131,14 @@ class Hooks:
                 per = [v.onfly(slot, use) for v in ctx.versions]
                 if not any(p is not None for p in per):
                     continue
+                if any(isinstance(p, torch.nn.Module) for p in per):  # attached adapters: run on the output
+                    mods = [p if isinstance(p, torch.nn.Module) else None for p in per]
+                    deltas = [None if isinstance(p, torch.nn.Module) else p for p in per]
+                    if any(d is not None for d in deltas):
+                        out.append((attr, use, self._lowrank(path, attr, deltas) if use in ("linear", "conv1d")
+                                    else deltas))
+                    out.append((attr, "attached", mods))
+                    continue
                 if use in ("linear", "conv1d") and not whole:
                     per = self._lowrank(path, attr, per)
                 out.append((attr, use, per))
@@ -175,6 +184,8 @@ def _make_hook(hooks: Hooks, path: str) -> Any:
                 _recompute(module, ctx, plan, idx, args, kwargs, output)
                 return output
             for _attr, use, per in plan:
+                if use == "attached":
+                    continue  # after every additive term: the adapter sees the module's full output
                 if use in ("linear", "conv1d"):
                     mixed_matmul_(output, x, idx, per)
                 elif use == "embedding":
@@ -182,6 +193,12 @@ def _make_hook(hooks: Hooks, path: str) -> Any:
                               lambda layout, m: delta_rows(layout, x[m].reshape(-1)).reshape(*x[m].shape, -1))
                 else:
                     _rows_add(output, idx, per, lambda db, m: db)
+            for _attr, use, per in plan:
+                if use == "attached":
+                    for e in torch.unique(idx[idx >= 0]).tolist():
+                        if per[e] is not None:
+                            m = idx == e
+                            output[m] = per[e](output[m]).to(output.dtype)
         return output
 
     return hook
