@@ -233,6 +233,13 @@ def _inspect_adapter(art: Any) -> None:
     cfg, s = art.manifest.adapter.config, art.manifest.stats
     modules = cfg.get("modules", {})
     peft = cfg.get("peft_config", {})
+    if not peft:  # a native kind (mos, flora, compacter): its own options
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k not in ("modules", "types"))
+        ranks = f", ranks {s['ranks']}" if s.get("ranks") else ""
+        click.echo(f"adapter       {art.manifest.adapter.kind} v{art.manifest.adapter.version}: {len(modules)} target "
+                   f"modules{ranks}"
+                   f"{f'; {opts}' if opts else ''}")
+        return
     click.echo(f"adapter       {art.manifest.adapter.kind} v{art.manifest.adapter.version}: {len(modules)} target "
                f"modules, ranks {s.get('ranks')}, alpha {peft.get('lora_alpha')}"
                f"{', rsLoRA' if peft.get('use_rslora') else ''}; target_modules {peft.get('target_modules')}")
