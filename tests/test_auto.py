@@ -133,3 +133,14 @@ def test_hull_keeps_only_points_a_lagrangian_can_pick() -> None:
     assert kept == ["a", "b", "d", "f"]  # c lies above the b–d chord, e is worse than d and larger
     table = {"x": hull(pts)}
     assert {allocate(table, lam)["x"] for lam in (1e-9, 1.0, 2.5, 1e9)} <= set(range(len(kept)))
+
+
+def test_a_choice_no_installed_codec_offers_is_a_typed_error() -> None:
+    from deltahub.codecs import get_codec
+    from deltahub.errors import CodecConfigError
+
+    auto = get_codec("auto")
+    cfg = auto.parse_config({})
+    d = torch.randn(8, 8)
+    with pytest.raises(CodecConfigError, match="which no installed codec offers now; compress again"):
+        auto.encode(d, cfg, {"choice": {"w": "ghost p=1"}, "run": "x"}, name="w")

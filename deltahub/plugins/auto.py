@@ -155,7 +155,11 @@ class AutoCodec(Codec):
         run, cached = self._cache
         enc = cached.pop(name, None) if run == stats.get("run") else None
         lab = stats["choice"][name]
-        codec, cfg = next((c, cfg) for c, cfg, lb in sel.candidates(name, tuple(delta.shape)) if lb == lab)
+        found = [(c, cfg) for c, cfg, lb in sel.candidates(name, tuple(delta.shape)) if lb == lab]
+        if not found:
+            raise CodecConfigError(f"auto chose {lab!r} for {name!r}, which no installed codec offers now; "
+                                   "compress again (the fit and the encode must see the same codecs).")
+        codec, cfg = found[0]
         if enc is None:  # not cached (another process, or fit over a different source): encode again
             enc = sel.encode_with(codec, cfg, delta, name)
         meta = {**enc.meta, "auto.codec": codec.name, "auto.version": str(codec.version),
