@@ -146,6 +146,7 @@ def attach(artifact: Any, model: torch.nn.Module) -> torch.nn.Module:
         BaseMismatchError: a target module is missing from ``model`` or has another weight shape.
     """
     from deltahub.adapters.compacter import Attached
+    from deltahub.adapters.injection import swap
     from deltahub.errors import NotMergeableError
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
@@ -161,8 +162,7 @@ def attach(artifact: Any, model: torch.nn.Module) -> torch.nn.Module:
         if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != shapes[weight]:
             raise BaseMismatchError(f"The model has no module {name!r} of weight shape {list(shapes[weight])} for "
                                     f"{art.name!r}'s adapter; attach it to the model it was trained on.")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Attached(mod, adapter))
+        swap(model, name, Attached(mod, adapter))
     state = model.state_dict()
     with torch.no_grad():
         for t in art.terms():

@@ -338,13 +338,13 @@ class AdapterContract:
         made = kind.materialize(tensors, config)
         if all(isinstance(r, torch.nn.Module) for r in made.values()):  # a nonlinear kind: attached, not merged
             from deltahub.adapters.compacter import Attached
+            from deltahub.adapters.injection import swap
 
             for t in targets:
                 name = t.weight.removesuffix(".weight")
-                parent, _, child = name.rpartition(".")
                 mod = base.get_submodule(name)
                 assert tuple(mod.weight.shape) == tuple(t.shape)
-                setattr(base.get_submodule(parent) if parent else base, child, Attached(mod, made[t.weight]))
+                swap(base, name, Attached(mod, made[t.weight]))
             x = self.inputs()
             assert torch.allclose(base(x), model(x), rtol=1e-4, atol=1e-5)
             return

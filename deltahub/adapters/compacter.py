@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from deltahub.adapter import AdapterKind, Target
-from deltahub.adapters.lora_layers import _matches
+from deltahub.adapters.injection import find_targets, swap
 from deltahub.errors import CodecConfigError, ManifestError
 
 RULE = "compacter.rule"
@@ -83,18 +83,11 @@ def inject_compacter(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Par
     Raises:
         CodecConfigError: no target, or a width not divisible by n (or its bottleneck).
     """
-    targets = config.get("target_modules")
-    if not targets:
-        raise CodecConfigError("Compacter needs target_modules (the layers whose outputs get an adapter).")
     n, reduction = int(config.get("n", 4)), int(config.get("reduction", 32))
     if config.get("bits") is not None:
         raise CodecConfigError("Compacter has no quantization-aware mode yet; drop bits (store it with any codec).")
-    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, targets)
-             and isinstance(m, nn.Linear)]
-    if not found:
-        raise CodecConfigError(f"target_modules {targets!r} match no Linear layer of the model.")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    found = find_targets(model, config.get("target_modules"), lambda m: isinstance(m, nn.Linear), "Linear",
+                         "Compacter")
     w = found[0][1].weight
     rule = nn.Parameter(torch.randn(n, n, n, dtype=w.dtype) * 0.01)
     holder = nn.Module()
@@ -107,9 +100,7 @@ def inject_compacter(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Par
         if d % n:
             raise CodecConfigError(f"Compacter's n={n} must divide {name}'s width {d}; pick another n.")
         adapter = PhmAdapter(d, hidden, n, rule, dtype=w.dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Attached(m, adapter))
+        swap(model, name, Attached(m, adapter))
         params += list(adapter.parameters())
     model._compacter_config = {"n": n, "reduction": reduction}
     return params

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deltahub.adapter import AdapterKind, Target
-from deltahub.adapters.lora_layers import _matches
+from deltahub.adapters.injection import find_targets, swap
 from deltahub.errors import CodecConfigError, ManifestError
 from deltahub.kernels.layouts import Dense, LowRank
 
@@ -95,22 +95,13 @@ def inject_flora(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Paramet
     """
     from deltahub.adapters.quant import check_bits
 
-    targets = config.get("target_modules")
-    if not targets:
-        raise CodecConfigError("FLoRA needs target_modules (module names or suffixes, e.g. ['query', 'value']).")
     bits = check_bits(config.get("bits"))
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)
-             and isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not found:
-        raise CodecConfigError(f"target_modules {targets!r} match no Linear or Conv2d layer of the model.")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    found = find_targets(model, config.get("target_modules"), lambda m: isinstance(m, (nn.Linear, nn.Conv2d)),
+                         "Linear or Conv2d", "FLoRA")
     params: list[nn.Parameter] = []
     for name, module in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layer = FloraLayer(module, _ranks(config, module), float(config.get("scale", 1.0)), bits)
-        setattr(parent, child, layer)
+        swap(model, name, layer)
         params += [layer.flora_core, *layer.factors()]
     return params
 

@@ -10,14 +10,13 @@ starts equal to the base.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltahub.errors import CodecConfigError
+from deltahub.adapters.injection import find_targets, swap
 
 
 def _layer_kind(module: nn.Module) -> str | None:
@@ -69,36 +68,21 @@ class LoraLayer(nn.Module):
         return y + (x @ a.T) @ b.T * self.scaling
 
 
-def _matches(name: str, targets: Any) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def inject_lora(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Parameter]:
     """Replace every targeted layer of ``model`` by a ``LoraLayer``; freeze the rest; return the new parameters.
 
     Raises:
         CodecConfigError: no target_modules, or none of them names a Linear, Conv1D or Embedding layer.
     """
-    targets = config.get("target_modules")
-    if not targets:
-        raise CodecConfigError("LoRA needs target_modules (module names or suffixes, e.g. ['query', 'value']).")
     from deltahub.adapters.quant import check_bits
 
     r, alpha, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 16)), bool(config.get("use_rslora"))
     bits = check_bits(config.get("bits"))
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets) and _layer_kind(m)]
-    if not found:
-        raise CodecConfigError(f"target_modules {targets!r} match no Linear, Conv1D or Embedding layer of the model.")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    found = find_targets(model, config.get("target_modules"), _layer_kind, "Linear, Conv1D or Embedding", "LoRA")
     params: list[nn.Parameter] = []
     for name, module in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layer = LoraLayer(module, _layer_kind(module), r, alpha, rslora, bits)
-        setattr(parent, child, layer)
+        swap(model, name, layer)
         params += list(layer.factors())
     return params
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from deltahub.adapter import AdapterKind, Target
-from deltahub.adapters.lora_layers import _matches
+from deltahub.adapters.injection import find_targets, swap
 from deltahub.errors import CodecConfigError, ManifestError
 from deltahub.kernels.layouts import LowRank
 
@@ -88,9 +88,6 @@ def inject_mos(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Parameter
     Raises:
         CodecConfigError: no targets, a shape not divisible by c, or r − p > (v − p)·L.
     """
-    targets = config.get("target_modules")
-    if not targets:
-        raise CodecConfigError("MoS needs target_modules (module names or suffixes, e.g. ['query', 'value']).")
     r, v, p, c = (int(config.get(k, d)) for k, d in (("r", 8), ("v", 2), ("p", 1), ("c", 2)))
     alpha = float(config.get("lora_alpha", 16))
     from deltahub.adapters.quant import check_bits
@@ -98,17 +95,13 @@ def inject_mos(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Parameter
     bits = check_bits(config.get("bits"))
     if not (0 <= p <= v <= r and c >= 1):
         raise CodecConfigError(f"MoS needs 0 <= p <= v <= r and c >= 1, got r={r} v={v} p={p} c={c}.")
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets) and isinstance(m, nn.Linear)]
-    if not found:
-        raise CodecConfigError(f"target_modules {targets!r} match no Linear layer of the model.")
+    found = find_targets(model, config.get("target_modules"), lambda m: isinstance(m, nn.Linear), "Linear", "MoS")
     groups: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, m in found:
         if m.in_features % c or m.out_features % c:
             raise CodecConfigError(f"MoS shards vectors into c={c} pieces: {name} is {m.out_features}x"
                                    f"{m.in_features}, not divisible; pick c dividing both.")
         groups.setdefault(f"{name.rpartition('.')[2]}_{m.out_features}x{m.in_features}", []).append((name, m))
-    for prm in model.parameters():
-        prm.requires_grad_(False)
     pools, gen = nn.ModuleDict(), torch.Generator().manual_seed(int(config.get("seed", 0)))
     for tau, members in groups.items():
         L, w = len(members), members[0][1].weight
@@ -126,9 +119,7 @@ def inject_mos(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Parameter
         for layer, (name, m) in enumerate(members):
             private = range(public + layer * p * c, public + (layer + 1) * p * c)
             ia, ib = (_draw(gen, public, (r - p) * c, private) for _ in range(2))
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MosLayer(m, pools, tau, ia, ib, r, alpha, bits))
+            swap(model, name, MosLayer(m, pools, tau, ia, ib, r, alpha, bits))
     model.add_module(POOLS, pools)
     model._mos_config = {"r": r, "v": v, "p": p, "c": c, "lora_alpha": alpha, "seed": int(config.get("seed", 0))}
     return [q for pool in pools.values() for q in (pool.pool_A, pool.pool_B)]
