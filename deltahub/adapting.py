@@ -145,8 +145,7 @@ def attach(artifact: Any, model: torch.nn.Module) -> torch.nn.Module:
         NotMergeableError: the artifact is a weight delta (use ``deltahub.apply``).
         BaseMismatchError: a target module is missing from ``model`` or has another weight shape.
     """
-    from deltahub.adapters.compacter import Attached
-    from deltahub.adapters.injection import swap
+    from deltahub.adapters.injection import Attached, swap
     from deltahub.errors import NotMergeableError
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)

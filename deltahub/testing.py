@@ -337,8 +337,7 @@ class AdapterContract:
         assert {k for t in targets for k in t.tensors} <= set(tensors)
         made = kind.materialize(tensors, config)
         if all(isinstance(r, torch.nn.Module) for r in made.values()):  # a nonlinear kind: attached, not merged
-            from deltahub.adapters.compacter import Attached
-            from deltahub.adapters.injection import swap
+            from deltahub.adapters.injection import Attached, swap
 
             for t in targets:
                 name = t.weight.removesuffix(".weight")

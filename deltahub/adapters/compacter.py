@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from deltahub.adapter import AdapterKind, Target
-from deltahub.adapters.injection import find_targets, swap
+from deltahub.adapters.injection import Attached, find_targets, swap
 from deltahub.errors import CodecConfigError, ManifestError
 
 RULE = "compacter.rule"
@@ -61,17 +61,6 @@ class PhmAdapter(nn.Module):
         z = h @ phm_weight(self._rule, self.down_s, self.down_t) + self.down_b
         z = nn.functional.gelu(z, approximate="tanh")  # the reference's gelu_new
         return h + z @ phm_weight(self._rule, self.up_s, self.up_t) + self.up_b
-
-
-class Attached(nn.Module):
-    """A module followed by an adapter on its output: ``adapter(base_layer(x))``."""
-
-    def __init__(self, base: nn.Module, adapter: nn.Module):
-        super().__init__()
-        self.base_layer, self.compacter = base, adapter
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.compacter(self.base_layer(*args, **kwargs))
 
 
 def inject_compacter(model: nn.Module, config: Mapping[str, Any]) -> list[nn.Parameter]:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltahub.errors import CodecConfigError
@@ -40,3 +41,14 @@ def swap(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class Attached(nn.Module):
+    """A module followed by an adapter on its output: ``adapter(base_layer(x))``."""
+
+    def __init__(self, base: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.base_layer, self.compacter = base, adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.compacter(self.base_layer(*args, **kwargs))
